@@ -1,0 +1,238 @@
+"""AzGPTDataModule: memory-mapped token blocks for training and validation.
+
+Training blocks are a pure function of (seed, step, micro-batch, row, rank): resuming at optimizer step
+``s`` replays exactly the blocks an uninterrupted run would have drawn, with no loader state to save,
+and every DDP rank draws different blocks. Validation uses a fixed list of non-overlapping blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from azgpt.errors import AzGPTError
+from azgpt.prepare import OUTPUT_FILES, PrepareConfig, prepare, read_meta, token_dtype
+from azgpt.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
+
+_WAIT_FOR_PREPARE_SECONDS = 3600
+
+
+def block_offsets(seed: int, rank: int, micro_batch_index: int, batch_size: int, high: int) -> np.ndarray:
+    """Start offsets of the rows of one training micro-batch.
+
+    ``micro_batch_index`` is ``step * accumulate_grad_batches + micro``; each (seed, rank, index) has its
+    own random stream, so the result depends on nothing else.
+    """
+    rng = np.random.default_rng([seed, rank, micro_batch_index])
+    return rng.integers(0, high, size=batch_size)
+
+
+class RandomTrainBlocks(IterableDataset):
+    """Endless micro-batches of random ``block_size + 1`` windows, starting at a given micro-batch index."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 start_index: int = 0) -> None:
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.start_index = start_index
+
+    def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of micro-batch ``index`` (the same every time it is asked for)."""
+        high = len(self.tokens) - self.block_size
+        offsets = block_offsets(self.seed, self.rank, index, self.batch_size, high)
+        window = np.stack([self.tokens[o : o + self.block_size + 1] for o in offsets]).astype(np.int64)
+        window = torch.from_numpy(window)
+        return window[:, :-1], window[:, 1:]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = self.start_index
+        while True:
+            yield self.batch_at(index)
+            index += 1
+
+
+class FixedValBlocks(Dataset):
+    """Non-overlapping ``block_size + 1`` windows from the start of val.npy, the same every time."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None) -> None:
+        self.tokens = tokens
+        self.block_size = block_size
+        available = (len(tokens) - 1) // block_size
+        self.num_blocks = available if max_blocks is None else min(available, max_blocks)
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = index * self.block_size
+        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class AzGPTDataModule(L.LightningDataModule):
+    """Token files in ``data_dir``, built from ``corpus`` by ``prepare_data`` when they are missing.
+
+    Args:
+        data_dir: folder with train.npy, val.npy, tokenizer.json, meta.json (written by ``azgpt prepare``).
+        corpus: text to prepare from when ``data_dir`` is empty; None means the sample corpus shipped with azgpt.
+        vocab_size: tokenizer vocabulary; the model's vocabulary is linked to it.
+        block_size: context length; the model's block size is linked to it.
+        batch_size: rows per micro-batch (per device).
+        seed: seed of the training block draws and of the train/val split.
+        val_fraction: share of documents held out when preparing.
+        val_max_blocks: cap on the number of validation blocks (None: all of val.npy).
+        tokenizer: reuse this tokenizer.json when preparing instead of training one.
+        num_workers: DataLoader worker processes (0 is fastest for memory-mapped slices).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/sample",
+        corpus: list[str] | None = None,
+        vocab_size: int = 8192,
+        block_size: int = 256,
+        batch_size: int = 12,
+        seed: int = 1337,
+        val_fraction: float = 0.05,
+        val_max_blocks: int | None = 200,
+        tokenizer: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AzGPTError(f"data.{name} must be a positive integer, got {value!r}")
+        if val_max_blocks is not None and val_max_blocks < 1:
+            raise AzGPTError(f"data.val_max_blocks must be a positive integer or null, got {val_max_blocks!r}")
+        check_vocab_size(vocab_size)
+        self.data_dir = Path(data_dir)
+        self.corpus = corpus
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.val_max_blocks = val_max_blocks
+        self.tokenizer_path = tokenizer
+        self.num_workers = num_workers
+        self.tokenizer_json: str | None = None
+        self.byte_lengths: list[int] | None = None
+        self.meta: dict | None = None
+        self._train: np.ndarray | None = None
+        self._val: np.ndarray | None = None
+
+    # -- preparation -----------------------------------------------------------------------------------
+
+    def is_prepared(self) -> bool:
+        return (self.data_dir / "meta.json").is_file()
+
+    def prepare_data(self) -> None:
+        """Write the token files when ``data_dir`` lacks them (Lightning runs this on one process per node)."""
+        if self.is_prepared():
+            return
+        leftovers = [n for n in OUTPUT_FILES if (self.data_dir / n).exists()]
+        if leftovers:
+            raise AzGPTError(f"{self.data_dir} holds {', '.join(leftovers)} but no meta.json (an interrupted or "
+                             f"foreign preparation): delete the folder or run azgpt prepare --overwrite")
+        prepare(PrepareConfig(
+            out=self.data_dir, corpus=self.corpus, vocab_size=self.vocab_size, val_fraction=self.val_fraction,
+            seed=self.seed, tokenizer=Path(self.tokenizer_path) if self.tokenizer_path else None,
+            block_size=self.block_size,
+        ))
+
+    def _wait_until_prepared(self) -> None:
+        """Processes that did not prepare wait for the one that did (torchrun starts them all at once)."""
+        deadline = time.monotonic() + _WAIT_FOR_PREPARE_SECONDS
+        while not self.is_prepared():
+            if time.monotonic() > deadline:
+                raise AzGPTError(f"gave up waiting for {self.data_dir}/meta.json: run azgpt prepare first")
+            time.sleep(1.0)
+
+    # -- loading and checks ----------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.meta is not None:
+            return
+        if not self.is_prepared() and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            self._wait_until_prepared()
+        if not self.is_prepared():
+            raise AzGPTError(f"{self.data_dir} has no meta.json: run azgpt prepare --out {self.data_dir}, "
+                             f"or call prepare_data() first")
+        meta = read_meta(self.data_dir)
+        tokenizer = load_tokenizer(self.data_dir / meta.get("tokenizer_file", "tokenizer.json"))
+        self._check_consistency(meta, tokenizer)
+        self._train = np.load(self.data_dir / "train.npy", mmap_mode="r")
+        self._val = np.load(self.data_dir / "val.npy", mmap_mode="r")
+        self._check_token_files(meta)
+        self.tokenizer_json = tokenizer.to_str()
+        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.meta = meta
+
+    def _check_consistency(self, meta: dict, tokenizer) -> None:
+        where = self.data_dir / "meta.json"
+        sha = tokenizer_sha256(tokenizer)
+        if meta.get("tokenizer_sha256") != sha:
+            raise AzGPTError(f"{where} was written for another tokenizer than {self.data_dir}/tokenizer.json "
+                             f"(sha256 differs): prepare the folder again with azgpt prepare --overwrite")
+        if meta.get("vocab_size") != tokenizer.get_vocab_size():
+            raise AzGPTError(f"{where} says vocab_size {meta.get('vocab_size')} but the tokenizer has "
+                             f"{tokenizer.get_vocab_size()}: prepare the folder again")
+        if meta["vocab_size"] != self.vocab_size:
+            raise AzGPTError(f"{self.data_dir} was prepared with vocab_size {meta['vocab_size']} but "
+                             f"data.vocab_size is {self.vocab_size}: set data.vocab_size: {meta['vocab_size']} "
+                             f"or point data.data_dir at a folder prepared with {self.vocab_size}")
+
+    def _check_token_files(self, meta: dict) -> None:
+        expected_dtype = token_dtype(meta["vocab_size"])
+        for name, array in (("train", self._train), ("val", self._val)):
+            path = self.data_dir / f"{name}.npy"
+            tokens = meta.get("splits", {}).get(name, {}).get("tokens")
+            if array.dtype != expected_dtype or array.ndim != 1 or len(array) != tokens:
+                raise AzGPTError(f"{path} ({array.dtype}, {array.shape}) does not match meta.json "
+                                 f"({expected_dtype}, {tokens} tokens): prepare the folder again")
+            if len(array) < self.block_size + 1:
+                raise AzGPTError(f"{path} has {len(array):,} tokens, fewer than one block of block_size + 1 = "
+                                 f"{self.block_size + 1:,}: lower data.block_size or add text to the corpus")
+
+    # -- loaders ---------------------------------------------------------------------------------------
+
+    def _rank_and_step(self) -> tuple[int, int]:
+        """(global rank, first micro-batch index to draw), read from the trainer after any checkpoint restore."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.global_rank, trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataset(self) -> RandomTrainBlocks:
+        self._require_setup()
+        rank, start = self._rank_and_step()
+        return RandomTrainBlocks(self._train, self.block_size, self.batch_size, self.seed, rank, start)
+
+    def val_dataset(self) -> FixedValBlocks:
+        self._require_setup()
+        return FixedValBlocks(self._val, self.block_size, self.val_max_blocks)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset(), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _require_setup(self) -> None:
+        if self.meta is None:
+            self.setup()

@@ -1,0 +1,207 @@
+"""AzGPT: the LightningModule that trains a GPT (loss, AdamW groups, LR schedule, validation metrics)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.aggregation import SumMetric
+
+from azgpt.errors import AzGPTError
+from azgpt.model import GPT, GPTConfig
+from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
+
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+CHECKPOINT_KEY = "azgpt"
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio`` at ``decay_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AzGPT(L.LightningModule):
+    """A GPT language model and how to train it.
+
+    Args:
+        vocab_size: vocabulary of the tokenizer (linked from the data in configs).
+        block_size: context length (linked from the data in configs).
+        n_layer, n_head, n_embd, dropout, bias: the architecture (see ``GPTConfig``).
+        learning_rate: peak AdamW learning rate, reached after ``warmup_steps`` optimizer steps.
+        min_lr_ratio: the cosine ends at ``learning_rate * min_lr_ratio``.
+        warmup_steps: linear warmup length in optimizer steps.
+        decay_steps: optimizer step where the cosine reaches its floor (None: ``trainer.max_steps``).
+        weight_decay: AdamW decay, applied to weights of two or more dimensions only.
+        beta1, beta2, eps: AdamW constants.
+        compile: compile the model with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        block_size: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 256,
+        dropout: float = 0.0,
+        bias: bool = False,
+        learning_rate: float = 6e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                                    n_embd=n_embd, dropout=dropout, bias=bias)
+        except ValueError as exc:
+            raise AzGPTError(f"model: {exc}") from None
+        if learning_rate <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
+            raise AzGPTError(f"model: need learning_rate > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0; got "
+                             f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
+        self.model = GPT(self.config)
+        self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
+        self.val_nll = SumMetric()
+        self.val_tokens = SumMetric()
+        self.val_bytes = SumMetric()
+        self.register_buffer("byte_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._loss_sum: torch.Tensor | None = None
+        self._micro_batches = 0
+
+    # -- setup -----------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()  # in place: state-dict keys stay clean
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_tokenizer = getattr(datamodule, "tokenizer_json", None)
+        if data_tokenizer is not None:
+            if self.tokenizer_json is not None and self.tokenizer_json != data_tokenizer:
+                raise AzGPTError(
+                    f"the model was trained with another tokenizer (sha256 {self._sha(self.tokenizer_json)[:12]}...) "
+                    f"than the data in {datamodule.data_dir} (sha256 {self._sha(data_tokenizer)[:12]}...): "
+                    f"validate on data prepared with the checkpoint's tokenizer")
+            self.tokenizer_json = data_tokenizer
+            meta_vocab = datamodule.meta["vocab_size"]
+            if meta_vocab > self.hparams.vocab_size:
+                raise AzGPTError(f"the data in {datamodule.data_dir} has vocab_size {meta_vocab} but the model has "
+                                 f"{self.hparams.vocab_size}: their vocabularies must agree")
+        if self.tokenizer_json is not None:
+            lengths = token_byte_lengths(tokenizer_from_json(self.tokenizer_json))
+            self.byte_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _sha(tokenizer_json: str) -> str:
+        return tokenizer_sha256(tokenizer_from_json(tokenizer_json))
+
+    # -- training --------------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def on_train_start(self) -> None:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise AzGPTError("trainer.max_steps must be a positive number of optimizer steps")
+        if self.trainer.global_step >= max_steps:
+            raise AzGPTError(f"the checkpoint is already at step {self.trainer.global_step} and trainer.max_steps is "
+                             f"{max_steps}: raise trainer.max_steps to train further")
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        # Log the mean over the accumulation window once per optimizer step, not one point per micro-batch.
+        detached = loss.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._micro_batches += 1
+        if self._micro_batches == self.trainer.accumulate_grad_batches:
+            self.log("train_loss", self._loss_sum / self._micro_batches, on_step=True, prog_bar=True)
+            self._loss_sum, self._micro_batches = None, 0
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm, and log that norm (before clipping) as ``grad_norm``."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise AzGPTError("only gradient_clip_algorithm: norm is supported")
+        max_norm = gradient_clip_val if gradient_clip_val else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        self.log("grad_norm", norm, on_step=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                                      fused=fused)
+        decay_steps = hp.decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps <= 0:
+            raise AzGPTError("set trainer.max_steps (or model.decay_steps) so the learning-rate schedule has an end")
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    # -- evaluation: total NLL / total tokens over every batch and rank --------------------------------
+
+    def _evaluate_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        inputs, targets = batch
+        logits, _ = self.model(inputs)
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum")
+        self.val_nll.update(nll)
+        self.val_tokens.update(torch.tensor(float(targets.numel()), device=nll.device))
+        if self.byte_lengths.numel():
+            self.val_bytes.update(self.byte_lengths[targets].sum().float())
+
+    def _log_evaluation(self) -> None:
+        nll = self.val_nll.compute()
+        tokens = self.val_tokens.compute()
+        loss = nll / tokens
+        metrics = {"val_loss": loss, "val_ppl": torch.exp(loss)}
+        if self.byte_lengths.numel():
+            metrics["val_bpb"] = nll / (math.log(2) * self.val_bytes.compute())
+        self.log_dict(metrics, prog_bar=True)
+        for metric in (self.val_nll, self.val_tokens, self.val_bytes):
+            metric.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation()
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation()
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        different = [k for k in ARCHITECTURE_KEYS if k in saved and saved[k] != self.hparams.get(k)]
+        if different:
+            details = ", ".join(f"{k}: checkpoint {saved[k]} vs config {self.hparams.get(k)}" for k in different)
+            raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): "
+                             f"use the checkpoint's config (its config.yaml) or start a new run")
+        carried = checkpoint.get(CHECKPOINT_KEY, {})
+        self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json

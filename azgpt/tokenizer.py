@@ -1,0 +1,123 @@
+"""Byte-level BPE tokenizer for Azerbaijani, trained and run by Hugging Face ``tokenizers``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from azgpt.errors import AzGPTError
+
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = (EOT,)
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1 + len(SPECIAL_TOKENS)
+
+
+def check_vocab_size(vocab_size: object) -> int:
+    """Return ``vocab_size`` as an int, or explain why it cannot be one."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise AzGPTError(
+            f"--vocab-size must be an integer of at least {MIN_VOCAB_SIZE} (256 bytes + 1 merge + "
+            f"{len(SPECIAL_TOKENS)} special token), got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE tokenizer with azgpt's normalisation built in.
+
+    The normaliser repeats the corpus reader's NFC and schwa folding so prompts typed at generation time
+    are tokenised exactly like the training text.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace("\u04d9", "\u0259"), normalizers.Replace("\u04d8", "\u018f")]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train byte-level BPE on streamed documents; ``<|endoftext|>`` gets id 0."""
+    check_vocab_size(vocab_size)
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(_batched(documents, 1000), trainer=trainer)
+    return tokenizer
+
+
+def _batched(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json`` and check it has azgpt's end-of-text token."""
+    path = Path(path)
+    if not path.is_file():
+        raise AzGPTError(f"tokenizer file {path} does not exist: pass the tokenizer.json written by prepare")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise AzGPTError(f"{path} is not a Hugging Face tokenizer.json ({exc})") from None
+    return check_tokenizer(tokenizer, str(path))
+
+
+def tokenizer_from_json(content: str, origin: str = "checkpoint") -> Tokenizer:
+    """Rebuild a tokenizer from its JSON text (as carried inside a checkpoint)."""
+    try:
+        tokenizer = Tokenizer.from_str(content)
+    except Exception as exc:
+        raise AzGPTError(f"the tokenizer stored in {origin} cannot be read ({exc})") from None
+    return check_tokenizer(tokenizer, origin)
+
+
+def check_tokenizer(tokenizer: Tokenizer, origin: str) -> Tokenizer:
+    if tokenizer.token_to_id(EOT) is None:
+        raise AzGPTError(f"tokenizer from {origin} has no {EOT} token: train it with azgpt prepare")
+    return tokenizer
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """Fingerprint of the tokenizer's content (not its file formatting)."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def eot_id(tokenizer: Tokenizer) -> int:
+    return tokenizer.token_to_id(EOT)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits-per-byte.
+
+    In byte-level BPE every character of a token's string stands for exactly one byte.
+    """
+    special = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    lengths = [0] * tokenizer.get_vocab_size()
+    for token, index in tokenizer.get_vocab().items():
+        lengths[index] = 0 if index in special else len(token)
+    return lengths
+
+
+def fertility_report(words: int, characters: int, tokens: int) -> str:
+    """One line: how many tokens a word costs and how many characters a token holds."""
+    tokens_per_word = tokens / max(words, 1)
+    chars_per_token = characters / max(tokens, 1)
+    return (f"tokenizer: {tokens_per_word:.2f} tokens per word, {chars_per_token:.2f} characters per token "
+            f"({tokens:,} tokens, {words:,} words)")

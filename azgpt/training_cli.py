@@ -1,0 +1,82 @@
+"""LightningCLI over AzGPT and AzGPTDataModule: ``fit``, ``validate`` and ``test`` from YAML configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from azgpt.data import AzGPTDataModule
+from azgpt.errors import AzGPTError
+from azgpt.lit import AzGPT
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", 16}
+
+
+def resolve_config_path(name: str) -> str:
+    """A config named on the command line: as given, else under ./configs/, else under azgpt's configs/."""
+    for candidate in (Path(name), Path("configs") / name, CONFIG_DIR / name):
+        if candidate.is_file():
+            return str(candidate)
+    raise AzGPTError(f"config file {name} not found (looked in ., ./configs and {CONFIG_DIR}); "
+                     f"available: {', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))}")
+
+
+def resolve_config_arguments(argv: list[str]) -> list[str]:
+    """Rewrite every ``--config NAME`` / ``--config=NAME`` so bare names find the shipped configs."""
+    resolved: list[str] = []
+    expect_path = False
+    for arg in argv:
+        if expect_path:
+            resolved.append(resolve_config_path(arg))
+            expect_path = False
+        elif arg in ("--config", "-c"):
+            resolved.append(arg)
+            expect_path = True
+        elif arg.startswith("--config="):
+            resolved.append("--config=" + resolve_config_path(arg.split("=", 1)[1]))
+        else:
+            resolved.append(arg)
+    return resolved
+
+
+class AzGPTCLI(LightningCLI):
+    """Links the data's vocabulary and block size into the model and counts validation in optimizer steps."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.vocab_size", "model.vocab_size")
+        parser.link_arguments("data.block_size", "model.block_size")
+        parser.add_argument("--val_every_n_steps", type=int | None, default=None,
+                            help="Validate every N optimizer steps (sets trainer.val_check_interval to "
+                                 "N * accumulate_grad_batches, since Lightning counts micro-batches).")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if not torch.cuda.is_available() and trainer.precision in MIXED_PRECISIONS:
+            rank_zero_info(f"azgpt: no CUDA device, so precision {trainer.precision} becomes 32-true "
+                           f"(fp32 is faster than bf16 on CPUs)")
+            trainer.precision = "32-true"
+        every = config.get("val_every_n_steps")
+        if every is not None:
+            if every < 1:
+                raise AzGPTError(f"val_every_n_steps must be a positive integer, got {every}")
+            trainer.val_check_interval = every * (trainer.accumulate_grad_batches or 1)
+            trainer.check_val_every_n_epoch = None
+        if self.subcommand == "fit" and (trainer.max_steps is None or trainer.max_steps <= 0):
+            raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
+                             f"got {trainer.max_steps}")
+
+
+def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
+    """Run ``fit`` / ``validate`` / ``test`` (and ``--help`` / ``--print_config``) as on the command line."""
+    return AzGPTCLI(
+        AzGPT,
+        AzGPTDataModule,
+        args=resolve_config_arguments(argv),
+        seed_everything_default=1337,
+        save_config_kwargs={"overwrite": True},
+    )
