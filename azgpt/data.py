@@ -171,8 +171,8 @@ class AzGPTDataModule(L.LightningDataModule):
         meta = read_meta(self.data_dir)
         tokenizer = load_tokenizer(self.data_dir / meta.get("tokenizer_file", "tokenizer.json"))
         self._check_consistency(meta, tokenizer)
-        self._train = np.load(self.data_dir / "train.npy", mmap_mode="r")
-        self._val = np.load(self.data_dir / "val.npy", mmap_mode="r")
+        self._train = self._open_tokens("train.npy")
+        self._val = self._open_tokens("val.npy")
         self._check_token_files(meta)
         self.tokenizer_json = tokenizer.to_str()
         self.byte_lengths = token_byte_lengths(tokenizer)
@@ -191,6 +191,14 @@ class AzGPTDataModule(L.LightningDataModule):
             raise AzGPTError(f"{self.data_dir} was prepared with vocab_size {meta['vocab_size']} but "
                              f"data.vocab_size is {self.vocab_size}: set data.vocab_size: {meta['vocab_size']} "
                              f"or point data.data_dir at a folder prepared with {self.vocab_size}")
+
+    def _open_tokens(self, name: str) -> np.ndarray:
+        path = self.data_dir / name
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise AzGPTError(f"{path} cannot be opened as a .npy token file ({exc}): it is missing, truncated "
+                             f"or not made by azgpt prepare; prepare the folder again") from None
 
     def _check_token_files(self, meta: dict) -> None:
         expected_dtype = token_dtype(meta["vocab_size"])

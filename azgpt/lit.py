@@ -27,6 +27,15 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose architecture differs from the configured one, naming each difference."""
+    different = [k for k in ARCHITECTURE_KEYS if k in saved and k in configured and saved[k] != configured[k]]
+    if different:
+        details = ", ".join(f"{k}: checkpoint {saved[k]} vs config {configured[k]}" for k in different)
+        raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): "
+                         f"use the checkpoint's config (config.yaml beside its checkpoints/) or start a new run")
+
+
 class AzGPT(L.LightningModule):
     """A GPT language model and how to train it.
 
@@ -119,9 +128,6 @@ class AzGPT(L.LightningModule):
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
             raise AzGPTError("trainer.max_steps must be a positive number of optimizer steps")
-        if self.trainer.global_step >= max_steps:
-            raise AzGPTError(f"the checkpoint is already at step {self.trainer.global_step} and trainer.max_steps is "
-                             f"{max_steps}: raise trainer.max_steps to train further")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
@@ -147,7 +153,8 @@ class AzGPT(L.LightningModule):
         hp = self.hparams
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                                       fused=fused)
@@ -197,11 +204,12 @@ class AzGPT(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        different = [k for k in ARCHITECTURE_KEYS if k in saved and saved[k] != self.hparams.get(k)]
-        if different:
-            details = ", ".join(f"{k}: checkpoint {saved[k]} vs config {self.hparams.get(k)}" for k in different)
-            raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): "
-                             f"use the checkpoint's config (its config.yaml) or start a new run")
+        check_same_architecture(checkpoint.get("hyper_parameters", {}), self.hparams)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            step, max_steps = checkpoint.get("global_step", 0), trainer.max_steps
+            if max_steps is not None and 0 < max_steps <= step:
+                raise AzGPTError(f"the checkpoint is already at step {step} and trainer.max_steps is {max_steps}: "
+                                 f"raise trainer.max_steps to train further")
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json

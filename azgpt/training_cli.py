@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.data import AzGPTDataModule
 from azgpt.errors import AzGPTError
-from azgpt.lit import AzGPT
+from azgpt.lit import AzGPT, check_same_architecture
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", 16}
@@ -52,6 +52,15 @@ class AzGPTCLI(LightningCLI):
         parser.add_argument("--val_every_n_steps", type=int | None, default=None,
                             help="Validate every N optimizer steps (sets trainer.val_check_interval to "
                                  "N * accumulate_grad_batches, since Lightning counts micro-batches).")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the model's config with the checkpoint's hyperparameters here; refuse rather
+        # than silently drop an architecture the user asked for.
+        subcommand = self.config.get("subcommand")
+        configured = dict(vars(self.config[subcommand].model)) if subcommand else {}
+        super()._parse_ckpt_path()
+        if subcommand:
+            check_same_architecture(dict(vars(self.config[subcommand].model)), configured)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

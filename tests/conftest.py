@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny prepared data folder and a tiny trained checkpoint, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from azgpt.prepare import PrepareConfig, prepare
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY_VOCAB = 512
+TINY_BLOCK = 32
+
+
+def tiny_fit_args(data_dir: Path, max_steps: int = 6, **overrides: object) -> list[str]:
+    """Command-line arguments for a fit of a tiny model that takes seconds on a CPU."""
+    args = {
+        "--config": "quickstart.yaml",
+        "--data.data_dir": str(data_dir),
+        "--data.vocab_size": str(TINY_VOCAB),
+        "--data.block_size": str(TINY_BLOCK),
+        "--data.batch_size": "4",
+        "--data.val_max_blocks": "13",
+        "--model.n_layer": "1",
+        "--model.n_head": "2",
+        "--model.n_embd": "32",
+        "--model.dropout": "0.0",
+        "--model.warmup_steps": "2",
+        "--trainer.max_steps": str(max_steps),
+        "--trainer.accumulate_grad_batches": "2",
+        "--trainer.log_every_n_steps": "1",
+        "--trainer.enable_progress_bar": "false",
+        "--val_every_n_steps": "3",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    return ["fit", *[item for pair in args.items() for item in pair]]
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped sample corpus prepared with a 512-token vocabulary."""
+    out = tmp_path_factory.mktemp("prepared") / "sample"
+    prepare(PrepareConfig(out=out, vocab_size=TINY_VOCAB, block_size=TINY_BLOCK, val_fraction=0.1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
+    """A finished tiny fit; returns its lightning_logs/version_0 folder."""
+    from azgpt.cli import main
+
+    workdir = tmp_path_factory.mktemp("run")
+    previous = Path.cwd()
+    os.chdir(workdir)
+    try:
+        assert main(tiny_fit_args(prepared_dir)) == 0
+    finally:
+        os.chdir(previous)
+    return workdir / "lightning_logs" / "version_0"

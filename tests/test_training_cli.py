@@ -1,0 +1,127 @@
+"""The training command line: config lookup, precision on CPU, and a clear exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from azgpt.cli import main
+from azgpt.training_cli import resolve_config_arguments
+from tests.conftest import tiny_fit_args
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(args)
+    except SystemExit as exc:  # jsonargparse reports config errors by exiting
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_bare_config_name_resolves_to_the_shipped_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_config_arguments(["fit", "--config", "quickstart.yaml", "--config=base.yaml"])
+    assert Path(resolved[2]).is_file() and resolved[2].endswith("configs/quickstart.yaml")
+    assert resolved[3].startswith("--config=") and resolved[3].endswith("configs/base.yaml")
+
+
+def test_a_config_in_the_working_directory_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart.yaml").write_text("trainer: {}\n")
+    assert resolve_config_arguments(["--config", "quickstart.yaml"])[1] == "quickstart.yaml"
+
+
+def test_missing_config_names_what_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["fit", "--config", "nope.yaml"], capsys)
+    assert code == 2 and "nope.yaml not found" in err and "quickstart.yaml" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.no_such_key", "1"], "no_such_key"),
+        (["--model.n_layer", "two"], "n_layer"),
+        (["--data.block_size", "0"], "block_size"),
+        (["--model.n_embd", "30", "--model.n_head", "4"], "divisible"),
+        (["--model.n_layer", "0"], "n_layer"),
+        (["--trainer.max_steps", "0"], "max_steps"),
+        (["--val_every_n_steps", "0"], "val_every_n_steps"),
+    ],
+)
+def test_bad_config_values_exit_2_with_a_message(override: list[str], expected: str, prepared_dir: Path,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tiny_fit_args(prepared_dir) + override, capsys)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))
+
+
+def test_meta_that_disagrees_with_the_tokenizer_is_refused(prepared_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    (data / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tiny_fit_args(data), capsys)
+    assert code == 2 and "another tokenizer" in err and "meta.json" in err
+
+
+def test_data_vocab_that_disagrees_with_the_files_is_refused(prepared_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tiny_fit_args(prepared_dir, **{"--data.vocab_size": 1024}), capsys)
+    assert code == 2 and "vocab_size 512" in err and "1024" in err
+
+
+def test_truncated_token_file_is_refused(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    raw = (data / "val.npy").read_bytes()
+    (data / "val.npy").write_bytes(raw[: len(raw) // 2])
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tiny_fit_args(data), capsys)
+    assert code == 2 and "val.npy" in err
+
+
+def test_checkpoint_with_another_architecture_is_refused(trained_run: Path, prepared_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=8, **{"--model.n_embd": 64}) + ["--ckpt_path", str(ckpt)],
+                    capsys)
+    assert code == 2 and "architecture differs" in err and "n_embd" in err
+
+
+def test_resuming_a_finished_run_does_not_report_zero_steps(trained_run: Path, prepared_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    code, err = run(tiny_fit_args(prepared_dir) + ["--ckpt_path", str(ckpt)], capsys)
+    assert code == 2 and "already at step 6" in err
+
+
+def test_cpu_run_uses_fp32_and_says_so(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert main(tiny_fit_args(prepared_dir, max_steps=1) + ["--trainer.precision", "16-mixed"]) == 0
+    assert "becomes 32-true" in caplog.text
+    config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
+    assert "precision: 32-true" in config
