@@ -2,7 +2,8 @@
 
 Training blocks are a pure function of (seed, step, micro-batch, row, rank): resuming at optimizer step
 ``s`` replays exactly the blocks an uninterrupted run would have drawn, with no loader state to save,
-and every DDP rank draws different blocks. Validation uses a fixed list of non-overlapping blocks.
+and every DDP rank draws different blocks. Validation uses a fixed list of non-overlapping blocks; with
+several processes each block is evaluated by exactly one of them.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from azgpt.errors import AzGPTError
 from azgpt.prepare import OUTPUT_FILES, PrepareConfig, prepare, read_meta, token_dtype
 from azgpt.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
 
 _WAIT_FOR_PREPARE_SECONDS = 3600
+PAD_TARGET = -1  # the target GPT's loss ignores: padding blocks add no loss and no tokens
 
 
 def block_offsets(seed: int, rank: int, micro_batch_index: int, batch_size: int, high: int) -> np.ndarray:
@@ -62,21 +64,33 @@ class RandomTrainBlocks(IterableDataset):
 
 
 class FixedValBlocks(Dataset):
-    """Non-overlapping ``block_size + 1`` windows from the start of val.npy, the same every time."""
+    """Non-overlapping ``block_size + 1`` windows from the start of val.npy, the same every time.
 
-    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None) -> None:
+    ``num_replicas`` > 1 pads the list up to a multiple of it with blocks whose targets are all
+    ``PAD_TARGET``, so a ``DistributedSampler`` can shard it with no duplicate (counted twice) and
+    every process gets the same number of batches, even with fewer blocks than processes.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None,
+                 num_replicas: int = 1) -> None:
         self.tokens = tokens
         self.block_size = block_size
         available = (len(tokens) - 1) // block_size
         self.num_blocks = available if max_blocks is None else min(available, max_blocks)
+        self.padded_length = -(-self.num_blocks // num_replicas) * num_replicas
 
     def __len__(self) -> int:
-        return self.num_blocks
+        return self.padded_length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = index * self.block_size
+        if not 0 <= index < self.padded_length:
+            raise IndexError(f"validation block {index} out of range 0..{self.padded_length - 1}")
+        start = (index if index < self.num_blocks else 0) * self.block_size
         window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
-        return window[:-1], window[1:]
+        inputs, targets = window[:-1], window[1:]
+        if index >= self.num_blocks:
+            targets = torch.full_like(targets, PAD_TARGET)
+        return inputs, targets
 
 
 class AzGPTDataModule(L.LightningDataModule):
@@ -214,28 +228,48 @@ class AzGPTDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------------
 
-    def _rank_and_step(self) -> tuple[int, int]:
-        """(global rank, first micro-batch index to draw), read from the trainer after any checkpoint restore."""
+    def _data_parallel(self) -> tuple[int, int]:
+        """(number of data-parallel replicas, this process's replica index); (1, 0) without a trainer.
+
+        The strategy's sampler arguments, not the global rank: they are the same under DDP and FSDP, and
+        under model-parallel strategies processes that share one replica must read the same data.
+        """
         trainer = self.trainer
         if trainer is None:
-            return 0, 0
-        return trainer.global_rank, trainer.global_step * trainer.accumulate_grad_batches
+            return 1, 0
+        kwargs = trainer.distributed_sampler_kwargs
+        if not kwargs:
+            return 1, 0
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+    def _first_micro_batch(self) -> int:
+        """Micro-batch index to draw first, read from the trainer after any checkpoint restore."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
     def train_dataset(self) -> RandomTrainBlocks:
         self._require_setup()
-        rank, start = self._rank_and_step()
-        return RandomTrainBlocks(self._train, self.block_size, self.batch_size, self.seed, rank, start)
+        _, rank = self._data_parallel()
+        return RandomTrainBlocks(self._train, self.block_size, self.batch_size, self.seed, rank,
+                                 self._first_micro_batch())
 
     def val_dataset(self) -> FixedValBlocks:
         self._require_setup()
-        return FixedValBlocks(self._val, self.block_size, self.val_max_blocks)
+        replicas, _ = self._data_parallel()
+        return FixedValBlocks(self._val, self.block_size, self.val_max_blocks, num_replicas=replicas)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.batch_size, shuffle=False,
+        dataset = self.val_dataset()
+        replicas, rank = self._data_parallel()
+        # Our own DistributedSampler over the padded list: Lightning keeps any DistributedSampler it finds,
+        # whatever trainer.use_distributed_sampler says, while its default one would pad with duplicates.
+        sampler = (DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+                   if replicas > 1 else None)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def test_dataloader(self) -> DataLoader:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
+from azgpt.data import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
 from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
@@ -47,7 +48,7 @@ class AzGPT(L.LightningModule):
         min_lr_ratio: the cosine ends at ``learning_rate * min_lr_ratio``.
         warmup_steps: linear warmup length in optimizer steps.
         decay_steps: optimizer step where the cosine reaches its floor (None: ``trainer.max_steps``).
-        weight_decay: AdamW decay, applied to weights of two or more dimensions only.
+        weight_decay: AdamW decay, applied to the weights of linear and embedding layers only.
         beta1, beta2, eps: AdamW constants.
         compile: compile the model with ``torch.compile``.
     """
@@ -83,9 +84,10 @@ class AzGPT(L.LightningModule):
                              f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
         self.model = GPT(self.config)
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
-        self.val_nll = SumMetric()
-        self.val_tokens = SumMetric()
-        self.val_bytes = SumMetric()
+        # float64 sums: the total no longer depends on how blocks are split into batches and ranks.
+        self.val_nll = SumMetric().set_dtype(torch.float64)
+        self.val_tokens = SumMetric().set_dtype(torch.float64)
+        self.val_bytes = SumMetric().set_dtype(torch.float64)
         self.register_buffer("byte_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
@@ -114,6 +116,9 @@ class AzGPT(L.LightningModule):
         if self.tokenizer_json is not None:
             lengths = token_byte_lengths(tokenizer_from_json(self.tokenizer_json))
             self.byte_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "mps":
+            for metric in (self.val_nll, self.val_tokens, self.val_bytes):
+                metric.set_dtype(torch.float32)  # MPS has no float64
 
     @staticmethod
     def _sha(tokenizer_json: str) -> str:
@@ -146,13 +151,20 @@ class AzGPT(L.LightningModule):
         if gradient_clip_algorithm not in (None, "norm"):
             raise AzGPTError("only gradient_clip_algorithm: norm is supported")
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        # FSDP's root module clips by the norm over all shards; the local norm would differ on every rank.
+        sharded_clip = getattr(self.trainer.model, "clip_grad_norm_", None)
+        if callable(sharded_clip):
+            norm = sharded_clip(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
         self.log("grad_norm", norm, on_step=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        # Chosen by module type, not p.dim() >= 2: FSDP flattens the parameters it shards to 1-D.
+        weights = {id(m.weight) for m in self.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+        decay = [p for p in self.parameters() if p.requires_grad and id(p) in weights]
+        no_decay = [p for p in self.parameters() if p.requires_grad and id(p) not in weights]
         groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         fused = self.device.type == "cuda"
@@ -169,11 +181,15 @@ class AzGPT(L.LightningModule):
     def _evaluate_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         inputs, targets = batch
         logits, _ = self.model(inputs)
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum")
-        self.val_nll.update(nll)
-        self.val_tokens.update(torch.tensor(float(targets.numel()), device=nll.device))
+        targets = targets.reshape(-1)
+        counted = targets != PAD_TARGET  # padding blocks that even out the ranks' shares count for nothing
+        token_nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets, ignore_index=PAD_TARGET,
+                                    reduction="none")
+        dtype = self.val_nll.dtype
+        self.val_nll.update(token_nll.to(dtype).sum())
+        self.val_tokens.update(counted.sum().to(dtype))
         if self.byte_lengths.numel():
-            self.val_bytes.update(self.byte_lengths[targets].sum().float())
+            self.val_bytes.update((self.byte_lengths[targets.clamp(min=0)] * counted).sum().to(dtype))
 
     def _log_evaluation(self) -> None:
         nll = self.val_nll.compute()
