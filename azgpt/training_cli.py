@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -82,10 +83,11 @@ class AzGPTCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
     """Run ``fit`` / ``validate`` / ``test`` (and ``--help`` / ``--print_config``) as on the command line."""
-    return AzGPTCLI(
-        AzGPT,
-        AzGPTDataModule,
-        args=resolve_config_arguments(argv),
-        seed_everything_default=1337,
-        save_config_kwargs={"overwrite": True},
-    )
+    # LightningCLI reads sys.argv (and DDP re-launches the script from it), so the resolved arguments go
+    # there rather than into `args=`, which would warn that both are set.
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
+    try:
+        return AzGPTCLI(AzGPT, AzGPTDataModule, seed_everything_default=1337, save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = saved_argv
