@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -81,3 +82,19 @@ class TrainingSpeed(L.Callback):
         if val_loss is not None:
             line += f"; last val_loss {float(val_loss):.4f}"
         rank_zero_info(line)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with the right total under gradient accumulation.
+
+    Lightning sizes the bar of an endless loader by the remaining *optimizer* steps but advances it once per
+    micro-batch, so with ``accumulate_grad_batches: 4`` it overflows at a quarter of the run.
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(trainer.num_training_batches, remaining)
+        return trainer.num_training_batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +86,7 @@ def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
     """Run ``fit`` / ``validate`` / ``test`` (and ``--help`` / ``--print_config``) as on the command line."""
     # LightningCLI reads sys.argv (and DDP re-launches the script from it), so the resolved arguments go
     # there rather than into `args=`, which would warn that both are set.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch-internal noise raised inside Lightning
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
     try:
