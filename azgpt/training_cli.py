@@ -5,11 +5,15 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from azgpt.callbacks import StepProgressBar
 from azgpt.data import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.lit import AzGPT, check_same_architecture
@@ -80,6 +84,16 @@ class AzGPTCLI(LightningCLI):
         if self.subcommand == "fit" and (trainer.max_steps is None or trainer.max_steps <= 0):
             raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
                              f"got {trainer.max_steps}")
+
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Add azgpt's progress bar unless the config has one or turns the bar off."""
+        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        callbacks = list(trainer_config.get("callbacks") or [])
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
