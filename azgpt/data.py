@@ -222,13 +222,19 @@ class AzGPTDataModule(L.LightningDataModule):
         self._require_setup()
         return FixedValBlocks(self._val, self.block_size, self.val_max_blocks)
 
+    def _generator(self) -> torch.Generator:
+        # Each DataLoader iterator draws a seed; from its own generator it leaves the global RNG (dropout) alone,
+        # so validations and resumes do not shift the dropout masks of later steps.
+        return torch.Generator().manual_seed(self.seed)
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset(), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          generator=self._generator())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from azgpt.checkpointing import AtomicCheckpointIO, checkpoint_folders, resolve_checkpoint
 from azgpt.data import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.lit import AzGPT
+from azgpt.signals import GracefulStop
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", 16}
@@ -43,8 +47,40 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
     return resolved
 
 
+def _with_default(configured: object, kind: type, make: type) -> list:
+    """``configured`` (None, one object or a list) as a list, with ``make()`` added when no ``kind`` is in it."""
+    items = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return items if any(isinstance(item, kind) for item in items) else [*items, make()]
+
+
 class AzGPTCLI(LightningCLI):
-    """Links the data's vocabulary and block size into the model and counts validation in optimizer steps."""
+    """Links the data's vocabulary and block size into the model and counts validation in optimizer steps.
+
+    It also makes runs resumable: ``--ckpt_path`` (a file, or ``last``) is checked and resolved before
+    anything loads it, checkpoints load with ``weights_only=True``, are written atomically
+    (``AtomicCheckpointIO``), and SIGTERM / SIGINT stop at a step boundary with a checkpoint (``GracefulStop``).
+    """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("fit", "validate", "test"):
+            return
+        config = self.config[subcommand]
+        if config.get("weights_only") is False:
+            raise AzGPTError("--weights_only false is not supported: azgpt checkpoints hold only tensors and plain "
+                             "values, and loading anything else could run code hidden in the file")
+        config.weights_only = True
+        if config.get("ckpt_path"):
+            # Before LightningCLI itself opens the file (for its hyperparameters) and before fit() does.
+            trainer = config.trainer.as_dict() if hasattr(config.trainer, "as_dict") else dict(config.trainer)
+            config.ckpt_path = resolve_checkpoint(str(config.ckpt_path), checkpoint_folders(trainer))
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        kwargs.setdefault("plugins", _with_default(trainer.get("plugins"), CheckpointIO, AtomicCheckpointIO))
+        kwargs.setdefault("callbacks", _with_default(trainer.get("callbacks"), GracefulStop, GracefulStop))
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size")
