@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_warn
 
 from azgpt.errors import AzGPTError
@@ -107,18 +107,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise NonFiniteWeightsError(
                 f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN or infinite values "
                 f"(first: {bad[0]}); the run diverged, resume from an earlier checkpoint with a lower learning rate")
-        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+        filesystem, local_path = url_to_fs(str(path))
+        if storage_options is not None or not isinstance(filesystem, LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, local_path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is None:
             weights_only = True
-        if not weights_only or not isinstance(get_filesystem(path), LocalFileSystem):
+        filesystem, local_path = url_to_fs(str(path))
+        if not weights_only or not isinstance(filesystem, LocalFileSystem):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        return load_checkpoint_file(path, map_location=map_location)
+        return load_checkpoint_file(local_path, map_location=map_location)
 
 
 # -- reading and choosing -----------------------------------------------------------------------------
