@@ -9,10 +9,11 @@ A user's mistake ends in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from azgpt.errors import AzGPTError
+from azgpt.errors import AzGPTError, TrainingInterrupted
 
 TRAINING_COMMANDS = ("fit", "validate", "test")
 EXIT_USER_ERROR = 2
@@ -57,9 +58,15 @@ def run_prepare(argv: list[str]) -> int:
 
 
 def run_training(argv: list[str]) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from azgpt.training_cli import run_lightning_cli
 
-    run_lightning_cli(argv)
+    try:
+        run_lightning_cli(argv)
+    except SIGTERMException:  # Lightning's own stop (outside the training loop), which would exit 0
+        print("azgpt: stopped by SIGTERM outside the training loop; no checkpoint was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 
@@ -75,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         if handler is not None:
             return handler(argv[1:])
         return run_training(argv)
+    except TrainingInterrupted as exc:
+        print(f"azgpt: {exc}", file=sys.stderr)
+        return exc.exit_code
     except AzGPTError as exc:
         print(f"azgpt: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -258,9 +258,14 @@ class AzGPTDataModule(L.LightningDataModule):
         replicas, _ = self._data_parallel()
         return FixedValBlocks(self._val, self.block_size, self.val_max_blocks, num_replicas=replicas)
 
+    def _generator(self) -> torch.Generator:
+        # Each DataLoader iterator draws a seed; from its own generator it leaves the global RNG (dropout) alone,
+        # so validations and resumes do not shift the dropout masks of later steps.
+        return torch.Generator().manual_seed(self.seed)
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.val_dataset()
@@ -270,7 +275,8 @@ class AzGPTDataModule(L.LightningDataModule):
         sampler = (DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
                    if replicas > 1 else None)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          generator=self._generator())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

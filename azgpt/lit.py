@@ -8,12 +8,15 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
+from azgpt.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
+from azgpt.numerics import UpdateGuard
 from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
@@ -91,6 +94,9 @@ class AzGPT(L.LightningModule):
         self.register_buffer("byte_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
+        self._step_loss: torch.Tensor | None = None  # mean loss of the step being applied, for the guard
+        self._guard = UpdateGuard()
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # -- setup -----------------------------------------------------------------------------------------
 
@@ -133,6 +139,13 @@ class AzGPT(L.LightningModule):
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
             raise AzGPTError("trainer.max_steps must be a positive number of optimizer steps")
+        self._loss_sum, self._micro_batches = None, 0  # a run always starts on a step boundary
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not at load time, so nothing between loading and the first step can draw from it.
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
@@ -142,21 +155,24 @@ class AzGPT(L.LightningModule):
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._micro_batches += 1
         if self._micro_batches == self.trainer.accumulate_grad_batches:
-            self.log("train_loss", self._loss_sum / self._micro_batches, on_step=True, prog_bar=True)
+            self._step_loss = self._loss_sum / self._micro_batches
+            self.log("train_loss", self._step_loss, on_step=True, prog_bar=True)
             self._loss_sum, self._micro_batches = None, 0
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm, and log that norm (before clipping) as ``grad_norm``."""
+        """Clip by global norm, log that norm (before clipping) as ``grad_norm``, and stop a non-finite step."""
         if gradient_clip_algorithm not in (None, "norm"):
             raise AzGPTError("only gradient_clip_algorithm: norm is supported")
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
+        self._guard.unscale_for_clipping(self.trainer, optimizer)
         # FSDP's root module clips by the norm over all shards; the local norm would differ on every rank.
         sharded_clip = getattr(self.trainer.model, "clip_grad_norm_", None)
         if callable(sharded_clip):
             norm = sharded_clip(max_norm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        self._guard.check(self.trainer, norm, self._step_loss)  # raises before the optimizer updates anything
         self.log("grad_norm", norm, on_step=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -217,7 +233,8 @@ class AzGPT(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json}
+        checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json,
+                                      "rng": capture_rng_state(), "micro_batch": self._micro_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_same_architecture(checkpoint.get("hyper_parameters", {}), self.hparams)
@@ -229,3 +246,9 @@ class AzGPT(L.LightningModule):
                                  f"raise trainer.max_steps to train further")
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._rng_to_restore = carried.get("rng")
+            if carried.get("micro_batch"):
+                rank_zero_warn(f"azgpt: this checkpoint was written in the middle of an optimizer step (micro-batch "
+                               f"{carried['micro_batch']} of {self.trainer.accumulate_grad_batches}): the resumed run "
+                               f"will not match an uninterrupted one exactly")

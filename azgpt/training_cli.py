@@ -8,15 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.callbacks import StepProgressBar
+from azgpt.checkpointing import AtomicCheckpointIO, checkpoint_folders, resolve_checkpoint
 from azgpt.data import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.lit import AzGPT, check_same_architecture
+from azgpt.signals import GracefulStop
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", 16}
@@ -49,8 +52,34 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
     return resolved
 
 
+def _with_default(configured: object, kind: type, make: type) -> list:
+    """``configured`` (None, one object or a list) as a list, with ``make()`` added when no ``kind`` is in it."""
+    items = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return items if any(isinstance(item, kind) for item in items) else [*items, make()]
+
+
 class AzGPTCLI(LightningCLI):
-    """Links the data's vocabulary and block size into the model and counts validation in optimizer steps."""
+    """Links the data's vocabulary and block size into the model and counts validation in optimizer steps.
+
+    It also makes runs resumable: ``--ckpt_path`` (a file, or ``last``) is checked and resolved before
+    anything loads it, checkpoints load with ``weights_only=True``, are written atomically
+    (``AtomicCheckpointIO``), and SIGTERM / SIGINT stop at a step boundary with a checkpoint (``GracefulStop``).
+    """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("fit", "validate", "test"):
+            return
+        config = self.config[subcommand]
+        if config.get("weights_only") is False:
+            raise AzGPTError("--weights_only false is not supported: azgpt checkpoints hold only tensors and plain "
+                             "values, and loading anything else could run code hidden in the file")
+        config.weights_only = True
+        if config.get("ckpt_path"):
+            # Before LightningCLI itself opens the file (for its hyperparameters) and before fit() does.
+            trainer = config.trainer.as_dict() if hasattr(config.trainer, "as_dict") else dict(config.trainer)
+            config.ckpt_path = resolve_checkpoint(str(config.ckpt_path), checkpoint_folders(trainer))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size")
@@ -85,14 +114,15 @@ class AzGPTCLI(LightningCLI):
             raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
                              f"got {trainer.max_steps}")
 
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add azgpt's progress bar unless the config has one or turns the bar off."""
-        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
-        callbacks = list(trainer_config.get("callbacks") or [])
-        wants_bar = trainer_config.get("enable_progress_bar") is not False
-        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        """Add azgpt's defaults unless the config has its own: atomic checkpoint writes, a graceful stop on
+        SIGTERM / SIGINT, and a progress bar that knows about accumulation (unless the bar is turned off)."""
+        trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        kwargs.setdefault("plugins", _with_default(trainer.get("plugins"), CheckpointIO, AtomicCheckpointIO))
+        callbacks = _with_default(trainer.get("callbacks"), GracefulStop, GracefulStop)
+        if trainer.get("enable_progress_bar") is not False:
+            callbacks = _with_default(callbacks, ProgressBar, StepProgressBar)
+        kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
 
 

@@ -1,0 +1,283 @@
+"""Checkpoints that survive a kill, load only tensors and plain values, and resume exactly.
+
+- ``AtomicCheckpointIO``: Lightning's checkpoint plugin, writing each file under a temporary name in the
+  target folder, fsyncing it, then renaming it, so a ``.ckpt`` is either complete or absent.
+- ``inspect_checkpoint`` / ``resolve_checkpoint``: what ``--ckpt_path`` (a path or ``last``) names, checked
+  before anything is loaded; ``last`` falls back to the newest readable checkpoint, never to step 0.
+- ``capture_rng_state`` / ``restore_rng_state``: the random-number state a checkpoint carries, so dropout
+  after a resume is the dropout of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import socket
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from azgpt.errors import AzGPTError
+
+CHECKPOINT_SUFFIX = ".ckpt"
+LAST_NAME = re.compile(r"^last(-v?\d+)?\.ckpt$")  # Lightning's last.ckpt, last-v1.ckpt, ...
+TEMPORARY_SUFFIX = ".tmp"
+
+
+class NonFiniteWeightsError(AzGPTError):
+    """A checkpoint about to be written holds NaN or infinite weights."""
+
+    exit_code = 3
+
+
+class UnsafeCheckpointError(AzGPTError):
+    """A checkpoint holds Python objects that loading with ``weights_only=True`` refuses to build."""
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def _temporary_path(path: Path) -> Path:
+    # Hidden, in the same folder (so the rename never crosses filesystems), not ending in .ckpt.
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}{TEMPORARY_SUFFIX}")
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flush and fsync it, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_path(path)
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors in ``state_dict`` holding a NaN or an infinity."""
+    return [name for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are atomic and durable, and whose loads are ``weights_only``.
+
+    Lightning's own writer stages the file in ``TMPDIR`` and moves it; across filesystems the move is a
+    copy, and a kill during it leaves a truncated ``.ckpt``. Here the temporary file sits beside the target
+    and only ``os.replace`` makes it visible. Remote paths (``s3://`` ...) keep Lightning's writer. A
+    checkpoint whose weights are not finite is refused: it could only spread a diverged run.
+
+    Use it with ``L.Trainer(plugins=[AtomicCheckpointIO()])``; ``python -m azgpt.cli`` adds it itself.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        bad = non_finite_weights(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteWeightsError(
+                f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+                f"(first: {bad[0]}); the run diverged, resume from an earlier checkpoint with a lower learning rate")
+        filesystem, local_path = url_to_fs(str(path))
+        if storage_options is not None or not isinstance(filesystem, LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, local_path)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is None:
+            weights_only = True
+        filesystem, local_path = url_to_fs(str(path))
+        if not weights_only or not isinstance(filesystem, LocalFileSystem):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_checkpoint_file(local_path, map_location=map_location)
+
+
+# -- reading and choosing -----------------------------------------------------------------------------
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with a clear ``AzGPTError`` for unsafe or unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise AzGPTError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds Python objects that safe loading (weights_only=True) does not "
+            f"build, so it was not written by azgpt or was tampered with ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AzGPTError(f"{path} is not a readable checkpoint (truncated or corrupt? {reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise AzGPTError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> int:
+    """Check that ``path`` loads safely and is a training checkpoint; return its ``global_step``."""
+    checkpoint = load_checkpoint_file(path, mmap=True)
+    if "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        raise AzGPTError(f"{path} is not a Lightning training checkpoint (no state_dict / global_step)")
+    return int(checkpoint["global_step"])
+
+
+def _newest_first(paths: Iterable[Path]) -> list[Path]:
+    stamped = []
+    for path in set(paths):
+        try:
+            stamped.append((path.stat().st_mtime_ns, str(path), path))
+        except OSError:
+            continue  # vanished meanwhile
+    return [path for *_, path in sorted(stamped, reverse=True)]
+
+
+def resolve_last_checkpoint(folders: Iterable[Path]) -> Path:
+    """The newest ``last*.ckpt`` in ``folders``; if it is missing or unreadable, the newest readable checkpoint.
+
+    Falling back warns with both names. Nothing readable at all is an ``AzGPTError``: resuming must never
+    quietly become a new run from step 0.
+    """
+    folders = [Path(f) for f in folders]
+    where = ", ".join(str(f) for f in folders) or "(no checkpoint folder)"
+    found = _newest_first(p for f in folders if f.is_dir() for p in f.glob(f"*{CHECKPOINT_SUFFIX}") if p.is_file())
+    leftovers = [p for f in folders if f.is_dir() for p in f.glob(f".*{CHECKPOINT_SUFFIX}.*{TEMPORARY_SUFFIX}")]
+    if leftovers:
+        rank_zero_warn(f"azgpt: {len(leftovers)} unfinished checkpoint write(s) from a killed run (e.g. "
+                       f"{leftovers[0]}): ignored, and safe to delete")
+    if not found:
+        raise AzGPTError(f"--ckpt_path last: no checkpoint in {where}; drop --ckpt_path to start a new run, "
+                         f"or pass the path of a .ckpt file")
+    lasts = [p for p in found if LAST_NAME.match(p.name)]
+    wanted = lasts[0] if lasts else None
+    problems: list[str] = []
+    if wanted is not None:
+        try:
+            inspect_checkpoint(wanted)
+            return wanted
+        except UnsafeCheckpointError:
+            raise
+        except AzGPTError as exc:
+            problems.append(str(exc))
+    for candidate in found:
+        if candidate == wanted:
+            continue
+        try:
+            step = inspect_checkpoint(candidate)
+        except UnsafeCheckpointError:
+            raise
+        except AzGPTError as exc:
+            problems.append(str(exc))
+            continue
+        missing = f"{wanted} is unreadable" if wanted is not None else f"there is no last.ckpt in {where}"
+        rank_zero_warn(f"azgpt: --ckpt_path last: {missing}; resuming instead from {candidate} "
+                       f"(step {step}), the newest readable checkpoint")
+        return candidate
+    raise AzGPTError(f"--ckpt_path last: no readable checkpoint in {where}: " + "; ".join(problems))
+
+
+def resolve_checkpoint(ckpt_path: str, folders: Iterable[Path]) -> str:
+    """What ``--ckpt_path`` means: ``last`` resolved in ``folders``, a file checked; other keywords unchanged."""
+    if ckpt_path == "last":
+        return str(resolve_last_checkpoint(folders))
+    if ckpt_path in ("best", "hpc", "registry") or "://" in ckpt_path or ckpt_path.startswith("registry:"):
+        return ckpt_path  # Lightning's own keywords and remote paths
+    inspect_checkpoint(ckpt_path)
+    return ckpt_path
+
+
+# -- random-number state ------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global torch (CPU and current CUDA device), NumPy and Python random states, as tensors and ints.
+
+    Stored as tensors and plain values (not NumPy arrays) so the checkpoint loads with ``weights_only=True``.
+    """
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo ``capture_rng_state``: set every random state it holds."""
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+
+
+# -- where a run's checkpoints are, from its (LightningCLI) trainer config -----------------------------
+
+
+def checkpoint_folders(trainer: Mapping[str, Any]) -> list[Path]:
+    """The folders ``--ckpt_path last`` searches, read from the trainer config before anything is built.
+
+    A ``ModelCheckpoint`` ``dirpath`` wins (as in Lightning); else every ``<save_dir>/<name>/<version>/checkpoints``
+    of the first logger, since each run writes to a new version folder; else ``<default_root_dir>/checkpoints``.
+    """
+    root = Path(trainer.get("default_root_dir") or ".")
+    callbacks = trainer.get("callbacks") or []
+    callbacks = [callbacks] if isinstance(callbacks, Mapping) else list(callbacks)
+    explicit = [Path(str(cb["init_args"]["dirpath"])) for cb in callbacks
+                if isinstance(cb, Mapping) and str(cb.get("class_path", "")).endswith("ModelCheckpoint")
+                and (cb.get("init_args") or {}).get("dirpath")]
+    if explicit:
+        return explicit
+    logger = trainer.get("logger")
+    if isinstance(logger, (list, tuple)):
+        logger = logger[0] if logger else False
+    if logger is False:
+        return [root / "checkpoints"]
+    args = (logger.get("init_args") or {}) if isinstance(logger, Mapping) else {}
+    base = Path(str(args.get("save_dir") or args.get("root_dir") or root))
+    name = args.get("name", "lightning_logs")
+    base = base / str(name) if name else base
+    version = args.get("version")
+    if version is not None:
+        return [base / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
+    return sorted(base.glob("*/checkpoints")) or [base / "version_*" / "checkpoints"]
