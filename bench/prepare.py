@@ -13,8 +13,9 @@ The bare baseline is what a ``tokenizers`` user writes by hand: read the .gz fil
 the same byte-level BPE (same normaliser, pre-tokenizer, vocab, special token) with
 ``train_from_iterator`` on batches of 1,000 lines; cut documents at blank lines; ``encode_batch_fast``
 (offsets skipped) on batches of 1,000 documents; append end-of-text ids and write every 20th document to
-val, the rest to train, with numpy. It does not drop control characters, fold Cyrillic schwa in Python,
-count words or write meta.json, and keeps no temporary names.
+val, the rest to train, with numpy. Its only normalisation is the tokenizer's own (NFC and schwa folding,
+in Rust); unlike azgpt it keeps control characters, counts no words, writes no meta.json and uses no
+temporary names.
 """
 
 from __future__ import annotations
