@@ -7,7 +7,9 @@ of a dataset. Nothing here holds more than one document (one line for text files
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
+import re
 import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,10 +25,10 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 HF_PREFIX = "hf:"
 
 # Control characters carry no text and confuse the tokenizer; tab and newline are layout and stay.
-# Cyrillic schwa (U+04D9/U+04D8) is folded to the Latin letters that Azerbaijani text means by it.
-_TRANSLATION = {code: None for code in range(0x20) if chr(code) not in "\t\n"}
-_TRANSLATION.update({code: None for code in range(0x7F, 0xA0)})
-_TRANSLATION.update({0xFEFF: None, 0x04D9: "\u0259", 0x04D8: "\u018F"})
+# A regex, not str.translate: translate looks every character up in a dict and is ~15x slower here.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
+# Real Azerbaijani text mixes in the Cyrillic schwa (U+04D9/U+04D8) where it means Latin ə/Ə.
+_SCHWA_FOLDS = (("\u04d9", "\u0259"), ("\u04d8", "\u018f"))
 
 
 def normalize_text(text: str) -> str:
@@ -34,7 +36,11 @@ def normalize_text(text: str) -> str:
 
     Case is never changed: Azerbaijani I/ı and İ/i would not survive lowercasing.
     """
-    return unicodedata.normalize("NFC", text.translate(_TRANSLATION))
+    text = _CONTROL.sub("", text)
+    for cyrillic, latin in _SCHWA_FOLDS:
+        if cyrillic in text:
+            text = text.replace(cyrillic, latin)
+    return unicodedata.normalize("NFC", text)
 
 
 @dataclass
@@ -86,6 +92,7 @@ def resolve_corpus_files(sources: str | Path | Sequence[str | Path] | None) -> l
     found: list[str] = []
     for source in _as_source_list(sources):
         if isinstance(source, str) and source.startswith(HF_PREFIX):
+            _require_datasets()
             found.append(source)
         else:
             found.extend(str(p) for p in _files_of(Path(source)))
@@ -188,13 +195,17 @@ def _iter_jsonl(path: Path, text_field: str, errors: str, stats: CorpusStats) ->
         yield text
 
 
+def _require_datasets() -> None:
+    if importlib.util.find_spec("datasets") is None:
+        raise AzGPTError("reading a Hugging Face dataset (hf:NAME) needs the optional 'datasets' package: "
+                         "pip install 'azgpt[datasets]', or pass a .txt, .txt.gz or .jsonl file instead")
+
+
 def _iter_hf_dataset(spec: str, text_field: str) -> Iterator[str]:
     """Stream a Hugging Face dataset given as ``NAME`` or ``NAME:SPLIT`` (``datasets`` is an optional extra)."""
-    try:
-        import datasets
-    except ImportError:
-        raise AzGPTError("reading a Hugging Face dataset needs the optional 'datasets' package: "
-                         "pip install 'azgpt[datasets]'") from None
+    _require_datasets()
+    import datasets
+
     name, _, split = spec.partition(":")
     try:
         dataset = datasets.load_dataset(name, split=split or "train", streaming=True)

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -23,10 +23,13 @@ from azgpt import __version__
 from azgpt.corpus import CorpusStats, iter_documents, resolve_corpus_files
 from azgpt.errors import AzGPTError
 from azgpt.tokenizer import (
+    PIECE_CHARS,
     check_vocab_size,
     eot_id,
     fertility_report,
     load_tokenizer,
+    split_at_line_breaks,
+    splits_like_azgpt,
     tokenizer_sha256,
     train_tokenizer,
 )
@@ -34,7 +37,8 @@ from azgpt.tokenizer import (
 META_VERSION = 1
 SPLITS = ("train", "val")
 OUTPUT_FILES = ("train.npy", "val.npy", "tokenizer.json", "meta.json")
-_ENCODE_BATCH_CHARS = 2_000_000
+# Characters per encode_batch call: enough pieces to keep every core busy, few enough to bound memory.
+_ENCODE_BATCH_CHARS = 512 * 1024
 # A 1-D .npy header is 128 bytes for any length below 10**40: reserve it, stream the ids, then fill it in.
 _NPY_HEADER_BYTES = 128
 
@@ -81,6 +85,7 @@ class PrepareSummary:
     encode_seconds: float = 0.0
     total_seconds: float = 0.0
     replaced_chars: int = 0
+    tokenizer_trained: bool = False
 
     def table(self) -> str:
         """A closing summary a person reads at the end of the run."""
@@ -89,9 +94,16 @@ class PrepareSummary:
             rows.append(f"{name:<6} {c.documents:>10,} {c.characters:>13,} {c.tokens:>12,} "
                         f"{c.characters / max(c.tokens, 1):>12.2f}")
         mb = sum(c.bytes for c in self.splits.values()) / 1e6
-        rows.append(f"vocab {self.vocab_size:,} ({self.dtype}); tokenizer {self.tokenizer_seconds:.1f}s, "
-                    f"encode {self.encode_seconds:.1f}s ({mb / max(self.encode_seconds, 1e-9):.2f} MB/s), "
-                    f"total {self.total_seconds:.1f}s for {mb:.2f} MB")
+        if self.tokenizer_trained:
+            trained = f"tokenizer trained in {self.tokenizer_seconds:.1f}s ({mb / max(self.tokenizer_seconds, 1e-9):.2f} MB/s)"
+        else:
+            trained = "tokenizer reused"
+        rows.append(f"vocab {self.vocab_size:,} ({self.dtype}); {trained}; encoded in {self.encode_seconds:.1f}s "
+                    f"({mb / max(self.encode_seconds, 1e-9):.2f} MB/s); total {self.total_seconds:.1f}s "
+                    f"for {mb:.2f} MB")
+        rows.append(fertility_report(sum(c.words for c in self.splits.values()),
+                                     sum(c.characters for c in self.splits.values()),
+                                     sum(c.tokens - c.documents for c in self.splits.values())))
         if self.replaced_chars:
             rows.append(f"replaced {self.replaced_chars:,} invalid UTF-8 sequences with U+FFFD")
         rows.append(f"wrote {self.out}/{{{','.join(OUTPUT_FILES)}}}")
@@ -123,24 +135,29 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     else:
         documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors)
         tokenizer = _train_checked(documents, config)
+        summary.tokenizer_trained = True
     summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
     sha = tokenizer_sha256(tokenizer)
     _check_existing_output(config, sha)
 
-    vocab_size = tokenizer.get_vocab_size()
+    vocab_size = _vocab_size(tokenizer)
     dtype = token_dtype(vocab_size)
     summary.vocab_size, summary.dtype = vocab_size, dtype.name
+    created = [p for p in (config.out, *config.out.parents) if not p.exists()]
     config.out.mkdir(parents=True, exist_ok=True)
     partial = {name: config.out / f".{name}.partial" for name in OUTPUT_FILES}
+    complete = False
     try:
         encode_started = time.perf_counter()
         documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats)
         summary.splits = _encode_to_files(documents, tokenizer, dtype, config, partial)
         summary.encode_seconds = time.perf_counter() - encode_started
         summary.replaced_chars = stats.replaced_chars
+        if stats.documents == 0:
+            raise _empty_corpus_error(config)
         _check_split_sizes(summary.splits, config)
         tokenizer.save(str(partial["tokenizer.json"]))
-        meta = _meta(config, sources, tokenizer, sha, dtype, summary.splits)
+        meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
         partial["meta.json"].write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for path in partial.values():
             _fsync(path)
@@ -148,15 +165,28 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         (config.out / "meta.json").unlink(missing_ok=True)
         for name in OUTPUT_FILES:
             os.replace(partial[name], config.out / name)
+        complete = True
     finally:
         for path in partial.values():
             path.unlink(missing_ok=True)
-    words = sum(c.words for c in summary.splits.values())
-    chars = sum(c.characters for c in summary.splits.values())
-    tokens = sum(c.tokens for c in summary.splits.values())
-    print(fertility_report(words, chars, tokens))
+        if not complete:
+            _remove_empty_folders(created)
     summary.total_seconds = time.perf_counter() - started
     return summary
+
+
+def _vocab_size(tokenizer: Tokenizer) -> int:
+    """One more than the largest id: the size of the embedding table, and what decides the file dtype."""
+    return max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1)
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Undo ``mkdir(parents=True)`` of a failed run (deepest first), keeping any folder that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _check_options(config: PrepareConfig) -> None:
@@ -169,13 +199,21 @@ def _check_options(config: PrepareConfig) -> None:
         raise AzGPTError(f"--out {config.out} exists and is not a folder: choose another path")
 
 
-def _train_checked(documents, config: PrepareConfig) -> Tokenizer:
+def _train_checked(documents: Iterable[str], config: PrepareConfig) -> Tokenizer:
     counter = _CountingIterator(documents)
-    tokenizer = train_tokenizer(counter, config.vocab_size)
+    tokenizer = train_tokenizer(counter, config.vocab_size, normalized=True)
     if counter.count == 0:
-        where = ", ".join(config.corpus) if config.corpus else "the sample corpus"
-        raise AzGPTError(f"corpus {where} has no text (empty or only whitespace): point --corpus at real text")
+        raise _empty_corpus_error(config)
     return tokenizer
+
+
+def _empty_corpus_error(config: PrepareConfig) -> AzGPTError:
+    corpus = config.corpus
+    if corpus is None:
+        where = "the sample corpus"
+    else:
+        where = ", ".join(str(c) for c in ([corpus] if isinstance(corpus, (str, Path)) else corpus))
+    return AzGPTError(f"corpus {where} has no text (empty or only whitespace): point --corpus at real text")
 
 
 class _CountingIterator:
@@ -210,36 +248,42 @@ def _check_existing_output(config: PrepareConfig, sha: str) -> None:
                          f"pass --overwrite to replace them, or choose another folder")
 
 
-def _split_of_documents(seed: int, val_fraction: float):
-    """Deterministic per-document assignment: the k-th document's split depends on (seed, k) only."""
+def _split_of_documents(seed: int, val_fraction: float) -> Iterator[bool]:
+    """Deterministic per-document assignment (True: val): the k-th document's split depends on (seed, k) only."""
     rng = np.random.default_rng(seed)
     while True:
-        for draw in rng.random(4096):
-            yield "val" if draw < val_fraction else "train"
+        yield from (rng.random(4096) < val_fraction).tolist()
 
 
-def _encode_to_files(documents, tokenizer: Tokenizer, dtype: np.dtype, config: PrepareConfig,
+def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, config: PrepareConfig,
                      partial: dict[str, Path]) -> dict[str, SplitCounts]:
     from tqdm.auto import tqdm  # a dependency of lightning; imported here to keep import time low
 
+    encoder = _BatchEncoder(tokenizer, dtype)
     counts = {name: SplitCounts() for name in SPLITS}
-    eot = eot_id(tokenizer)
-    splits = _split_of_documents(config.seed, config.val_fraction)
+    is_val = _split_of_documents(config.seed, config.val_fraction)
     handles = {name: open(partial[f"{name}.npy"], "wb") for name in SPLITS}
-    pending: dict[str, list[str]] = {name: [] for name in SPLITS}
-    pending_chars = 0
+    batch = _Batch()
     try:
         for handle in handles.values():
             handle.write(b"\0" * _NPY_HEADER_BYTES)
-        with tqdm(desc="encode", unit="B", unit_scale=True, disable=None) as progress:
+        with tqdm(desc="encode", unit=" chars", unit_scale=True, disable=None) as progress:
             for document in documents:
-                split = next(splits)
-                pending[split].append(document)
-                pending_chars += len(document)
-                if pending_chars >= _ENCODE_BATCH_CHARS:
-                    progress.update(_flush(pending, tokenizer, eot, dtype, handles, counts))
-                    pending_chars = 0
-            progress.update(_flush(pending, tokenizer, eot, dtype, handles, counts))
+                doc_is_val = next(is_val)
+                c = counts["val" if doc_is_val else "train"]
+                c.documents += 1
+                c.bytes += len(document.encode("utf-8"))
+                c.characters += len(document)
+                pieces = encoder.pieces(document)
+                for index, piece in enumerate(pieces, start=1):
+                    c.words += len(piece.split())  # cuts never fall inside a word
+                    batch.add(piece, doc_is_val, ends_document=index == len(pieces))
+                    if batch.chars >= _ENCODE_BATCH_CHARS:
+                        encoder.write(batch, handles, counts)
+                        progress.update(batch.chars)
+                        batch = _Batch()
+            encoder.write(batch, handles, counts)
+            progress.update(batch.chars)
         for name, handle in handles.items():
             _write_npy_header(handle, dtype, counts[name].tokens)
     finally:
@@ -248,35 +292,70 @@ def _encode_to_files(documents, tokenizer: Tokenizer, dtype: np.dtype, config: P
     return counts
 
 
-def _flush(pending: dict[str, list[str]], tokenizer: Tokenizer, eot: int, dtype: np.dtype,
-           handles: dict[str, BinaryIO], counts: dict[str, SplitCounts]) -> int:
-    """Encode the pending documents of each split in one parallel batch and append their ids."""
-    written_bytes = 0
-    for name, batch in pending.items():
-        if not batch:
-            continue
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        ids: list[int] = []
-        for encoding in encodings:
-            ids.extend(encoding.ids)
-            ids.append(eot)
-        try:
-            array = np.asarray(ids, dtype=dtype)
-        except OverflowError:
-            raise AzGPTError(f"token id {max(ids)} does not fit in {dtype.name}: the tokenizer's vocabulary "
-                             f"is larger than it reports; retrain it with azgpt prepare") from None
-        array.astype(dtype.newbyteorder("<"), copy=False).tofile(handles[name])
-        c = counts[name]
-        c.documents += len(batch)
-        c.tokens += array.size
-        for document in batch:
-            size = len(document.encode("utf-8"))
-            c.bytes += size
-            c.characters += len(document)
-            c.words += len(document.split())
-            written_bytes += size
-        batch.clear()
-    return written_bytes
+class _Batch:
+    """Pieces of documents waiting to be encoded together: a long document may span several batches."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.is_val: list[bool] = []
+        self.ends_document: list[bool] = []
+        self.chars = 0
+
+    def add(self, piece: str, is_val: bool, ends_document: bool) -> None:
+        self.pieces.append(piece)
+        self.is_val.append(is_val)
+        self.ends_document.append(ends_document)
+        self.chars += len(piece)
+
+
+class _BatchEncoder:
+    """Encodes a batch of pieces in one parallel ``tokenizers`` call and appends the ids to the split files.
+
+    Long documents are cut into pieces (``split_at_line_breaks``: same ids, more parallelism, and memory
+    bounded by the batch, not by the longest document); offsets are never computed (``encode_batch_fast``
+    where this ``tokenizers`` has it).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
+        self.dtype = dtype
+        self.eot = eot_id(tokenizer)
+        # A copy to tune for this job, leaving the caller's tokenizer (saved next to the ids) as it is.
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        # A document that happens to contain the text "<|endoftext|>" is encoded as that text, so the only
+        # end-of-text ids in the files are the separators written here.
+        self.tokenizer.encode_special_tokens = True
+        self.piece_chars: int | None = None
+        if splits_like_azgpt(tokenizer):
+            self.piece_chars = PIECE_CHARS
+            # The corpus reader has already normalised every document; the same pass in Rust changes nothing.
+            self.tokenizer.normalizer = None
+        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+
+    def pieces(self, document: str) -> list[str]:
+        return split_at_line_breaks(document, self.piece_chars) if self.piece_chars else [document]
+
+    def write(self, batch: _Batch, handles: dict[str, BinaryIO], counts: dict[str, SplitCounts]) -> None:
+        """Encode the batch and append each piece's ids (+ end-of-text after a document's last piece) to its split."""
+        if not batch.pieces:
+            return
+        encodings = self._encode(batch.pieces, add_special_tokens=False)
+        flat: list[int] = []
+        piece_tokens: list[int] = []
+        for encoding, ends_document in zip(encodings, batch.ends_document):
+            before = len(flat)
+            flat.extend(encoding.ids)
+            if ends_document:
+                flat.append(self.eot)
+            piece_tokens.append(len(flat) - before)
+        ids = np.array(flat, dtype=np.int64)
+        if ids.size and ids.max() > np.iinfo(self.dtype).max:
+            raise AzGPTError(f"token id {ids.max()} does not fit in {self.dtype.name}: the tokenizer's vocabulary "
+                             f"is larger than it reports; retrain it with azgpt prepare")
+        ids = ids.astype(self.dtype.newbyteorder("<"))
+        val_mask = np.repeat(np.array(batch.is_val, dtype=bool), piece_tokens)
+        for name, in_split in (("train", ~val_mask), ("val", val_mask)):
+            ids[in_split].tofile(handles[name])
+            counts[name].tokens += int(np.count_nonzero(in_split))
 
 
 def _write_npy_header(handle: BinaryIO, dtype: np.dtype, length: int) -> None:
@@ -303,12 +382,12 @@ def _check_split_sizes(counts: dict[str, SplitCounts], config: PrepareConfig) ->
             )
 
 
-def _meta(config: PrepareConfig, sources: Sequence[str], tokenizer: Tokenizer, sha: str, dtype: np.dtype,
-          counts: dict[str, SplitCounts]) -> dict:
+def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokenizer: Tokenizer, sha: str,
+          dtype: np.dtype, counts: dict[str, SplitCounts]) -> dict:
     return {
         "format_version": META_VERSION,
         "azgpt_version": __version__,
-        "vocab_size": tokenizer.get_vocab_size(),
+        "vocab_size": vocab_size,
         "dtype": dtype.name,
         "eot_id": eot_id(tokenizer),
         "tokenizer_file": "tokenizer.json",

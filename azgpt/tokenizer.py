@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT,)
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1 + len(SPECIAL_TOKENS)
+# Longest piece a document is cut into before it reaches the Rust side (see split_at_line_breaks).
+PIECE_CHARS = 16_384
 
 
 def check_vocab_size(vocab_size: object) -> int:
@@ -41,10 +44,18 @@ def new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train byte-level BPE on streamed documents; ``<|endoftext|>`` gets id 0."""
+def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    normalized: bool = False) -> Tokenizer:
+    """Train byte-level BPE on streamed documents; ``<|endoftext|>`` gets id 0.
+
+    ``normalized=True`` says the documents come from ``azgpt.corpus`` already normalised, so the
+    tokenizer's own normaliser (which would change nothing) is skipped while training.
+    """
     check_vocab_size(vocab_size)
     tokenizer = new_tokenizer()
+    normalizer = tokenizer.normalizer
+    if normalized:
+        tokenizer.normalizer = None
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -52,17 +63,81 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
-    tokenizer.train_from_iterator(_batched(documents, 1000), trainer=trainer)
+    # Pieces, not whole documents: the word counts are identical (see split_at_line_breaks) and a
+    # megabyte-long document no longer costs tens of megabytes of per-byte alignment tables at once.
+    pieces = (piece for document in documents for piece in split_at_line_breaks(document))
+    tokenizer.train_from_iterator(_batched(pieces), trainer=trainer)
+    tokenizer.normalizer = normalizer
     return tokenizer
 
 
-def _batched(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+def split_at_line_breaks(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut ``text`` into pieces of about ``max_chars`` whose token ids, concatenated, are the text's own.
+
+    Cuts fall just after a newline with non-whitespace on both sides. There the byte-level
+    pre-tokenizer's regex always ends a token before the newline and makes the newline a token of its
+    own, and NFC never composes across it, so azgpt's pipeline (``new_tokenizer``) splits the same way
+    whether or not the text was cut. A text with no such newline stays whole. Written by hand because
+    ``tokenizers`` parallelises over input strings only, and builds per-byte tables for each.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > max_chars:
+        cut = _safe_cut_before(text, start + max_chars // 2, start + max_chars)
+        if cut < 0:
+            cut = _safe_cut_after(text, start + max_chars)
+            if cut < 0:
+                break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _is_safe_cut(text: str, newline: int) -> bool:
+    return 0 < newline < len(text) - 1 and not text[newline - 1].isspace() and not text[newline + 1].isspace()
+
+
+def _safe_cut_before(text: str, low: int, high: int) -> int:
+    """Index just after the last safe newline in ``text[low:high]``, or -1."""
+    newline = text.rfind("\n", low, high)
+    while newline >= 0:
+        if _is_safe_cut(text, newline):
+            return newline + 1
+        newline = text.rfind("\n", low, newline)
+    return -1
+
+
+def _safe_cut_after(text: str, low: int) -> int:
+    """Index just after the first safe newline at or after ``low``, or -1."""
+    newline = text.find("\n", low)
+    while newline >= 0:
+        if _is_safe_cut(text, newline):
+            return newline + 1
+        newline = text.find("\n", newline + 1)
+    return -1
+
+
+def splits_like_azgpt(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` normalises and pre-tokenises exactly as azgpt's own, so that
+    ``split_at_line_breaks`` leaves its ids unchanged (a foreign ``--tokenizer`` may not)."""
+    ours, theirs = json.loads(new_tokenizer().to_str()), json.loads(tokenizer.to_str())
+    same_pipeline = all(ours[key] == theirs[key] for key in ("normalizer", "pre_tokenizer"))
+    return same_pipeline and not any("\n" in t.content for t in tokenizer.get_added_tokens_decoder().values())
+
+
+def _batched(texts: Iterable[str], max_items: int = 1000, max_chars: int = 1 << 18) -> Iterator[list[str]]:
+    """Lists of texts for ``train_from_iterator``: few Python calls, yet little text held at once."""
     batch: list[str] = []
-    for document in documents:
-        batch.append(document)
-        if len(batch) == size:
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == max_items or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
