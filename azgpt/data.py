@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from azgpt.errors import AzGPTError
@@ -158,11 +159,12 @@ class AzGPTDataModule(L.LightningDataModule):
         if leftovers:
             raise AzGPTError(f"{self.data_dir} holds {', '.join(leftovers)} but no meta.json (an interrupted or "
                              f"foreign preparation): delete the folder or run azgpt prepare --overwrite")
-        prepare(PrepareConfig(
+        summary = prepare(PrepareConfig(
             out=self.data_dir, corpus=self.corpus, vocab_size=self.vocab_size, val_fraction=self.val_fraction,
             seed=self.seed, tokenizer=Path(self.tokenizer_path) if self.tokenizer_path else None,
             block_size=self.block_size,
         ))
+        rank_zero_info(summary.table())
 
     def _wait_until_prepared(self) -> None:
         """Processes that did not prepare wait for the one that did (torchrun starts them all at once)."""
@@ -201,10 +203,16 @@ class AzGPTDataModule(L.LightningDataModule):
         if meta.get("vocab_size") != tokenizer.get_vocab_size():
             raise AzGPTError(f"{where} says vocab_size {meta.get('vocab_size')} but the tokenizer has "
                              f"{tokenizer.get_vocab_size()}: prepare the folder again")
-        if meta["vocab_size"] != self.vocab_size:
+        if meta["vocab_size"] > self.vocab_size:
             raise AzGPTError(f"{self.data_dir} was prepared with vocab_size {meta['vocab_size']} but "
-                             f"data.vocab_size is {self.vocab_size}: set data.vocab_size: {meta['vocab_size']} "
-                             f"or point data.data_dir at a folder prepared with {self.vocab_size}")
+                             f"data.vocab_size is {self.vocab_size}, too small for its token ids: set "
+                             f"data.vocab_size: {meta['vocab_size']} or point data.data_dir at a folder prepared "
+                             f"with {self.vocab_size}")
+        if meta["vocab_size"] < self.vocab_size:
+            # BPE stops early when a small corpus runs out of merges; the model keeps the configured size.
+            rank_zero_warn(f"azgpt: {self.data_dir} has a vocabulary of {meta['vocab_size']} tokens, fewer than "
+                           f"data.vocab_size {self.vocab_size} (the corpus ran out of BPE merges); the model keeps "
+                           f"{self.vocab_size} embedding rows. Set data.vocab_size: {meta['vocab_size']} to match.")
 
     def _open_tokens(self, name: str) -> np.ndarray:
         path = self.data_dir / name

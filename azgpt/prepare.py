@@ -80,6 +80,7 @@ class PrepareSummary:
     out: Path
     splits: dict[str, SplitCounts] = field(default_factory=dict)
     vocab_size: int = 0
+    requested_vocab_size: int = 0
     dtype: str = ""
     tokenizer_seconds: float = 0.0
     encode_seconds: float = 0.0
@@ -101,6 +102,9 @@ class PrepareSummary:
         rows.append(f"vocab {self.vocab_size:,} ({self.dtype}); {trained}; encoded in {self.encode_seconds:.1f}s "
                     f"({mb / max(self.encode_seconds, 1e-9):.2f} MB/s); total {self.total_seconds:.1f}s "
                     f"for {mb:.2f} MB")
+        if self.tokenizer_trained and self.vocab_size < self.requested_vocab_size:
+            rows.append(f"note: the corpus ran out of BPE merges at {self.vocab_size:,} tokens, below the requested "
+                        f"{self.requested_vocab_size:,}; pass --vocab-size {self.vocab_size} to match")
         rows.append(fertility_report(sum(c.words for c in self.splits.values()),
                                      sum(c.characters for c in self.splits.values()),
                                      sum(c.tokens - c.documents for c in self.splits.values())))
@@ -143,6 +147,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     vocab_size = _vocab_size(tokenizer)
     dtype = token_dtype(vocab_size)
     summary.vocab_size, summary.dtype = vocab_size, dtype.name
+    summary.requested_vocab_size = config.vocab_size
     created = [p for p in (config.out, *config.out.parents) if not p.exists()]
     config.out.mkdir(parents=True, exist_ok=True)
     partial = {name: config.out / f".{name}.partial" for name in OUTPUT_FILES}
