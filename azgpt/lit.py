@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
+from azgpt.checkpoint import CHECKPOINT_KEY
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
 from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-CHECKPOINT_KEY = "azgpt"
+DATA_SUMMARY_KEYS = ("source", "normalization", "tokenizer_sha256")
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -25,6 +26,14 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of the data's meta.json worth keeping in a checkpoint: sources, normalisation, token counts."""
+    summary = {key: meta[key] for key in DATA_SUMMARY_KEYS if key in meta}
+    for split, counts in (meta.get("splits") or {}).items():
+        summary[f"{split}_tokens"] = counts.get("tokens")
+    return summary
 
 
 class AzGPT(L.LightningModule):
@@ -74,6 +83,7 @@ class AzGPT(L.LightningModule):
                              f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
         self.model = GPT(self.config)
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
+        self.data_summary: dict[str, Any] | None = None  # what it was trained on, for the exported model card
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.val_bytes = SumMetric()
@@ -98,6 +108,7 @@ class AzGPT(L.LightningModule):
                     f"than the data in {datamodule.data_dir} (sha256 {self._sha(data_tokenizer)[:12]}...): "
                     f"validate on data prepared with the checkpoint's tokenizer")
             self.tokenizer_json = data_tokenizer
+            self.data_summary = data_summary(datamodule.meta)
             meta_vocab = datamodule.meta["vocab_size"]
             if meta_vocab > self.hparams.vocab_size:
                 raise AzGPTError(f"the data in {datamodule.data_dir} has vocab_size {meta_vocab} but the model has "
@@ -194,7 +205,11 @@ class AzGPT(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json}
+        metrics = {}
+        if self._trainer is not None:  # the last validation's metrics, for the model card of an export
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val_")}
+        checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json,
+                                      "data": self.data_summary, "metrics": metrics}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
@@ -205,3 +220,4 @@ class AzGPT(L.LightningModule):
                              f"use the checkpoint's config (its config.yaml) or start a new run")
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
+        self.data_summary = carried.get("data") or self.data_summary
