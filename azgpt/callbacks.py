@@ -1,4 +1,4 @@
-"""Callbacks azgpt adds to Lightning's own: training speed and a closing summary."""
+"""Callbacks azgpt adds to Lightning's own: training speed with a closing summary, and text samples."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+
+from azgpt.errors import AzGPTError
+from azgpt.generate import Generator, Sampling
+from azgpt.tokenizer import tokenizer_from_json
 
 
 class TrainingSpeed(L.Callback):
@@ -98,3 +102,65 @@ class StepProgressBar(TQDMProgressBar):
             remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
             return min(trainer.num_training_batches, remaining)
         return trainer.num_training_batches
+
+
+DEFAULT_PROMPTS = ("Azərbaycan", "Bakı şəhəri", "Bir gün")
+
+
+class TextSamples(L.Callback):
+    """After each validation, continues a few fixed prompts and logs them as TensorBoard text.
+
+    The same seed every time, so what changes between steps is the model, not the dice. Every rank generates
+    (a sharded model needs all ranks for a forward pass) but only rank zero writes. Loggers without
+    ``add_text`` (e.g. CSV) are skipped.
+
+    Args:
+        prompts: texts to continue, one TensorBoard tag each (``samples/0``, ``samples/1``, ...).
+        max_new_tokens: tokens generated per prompt; keep it small, it runs at every validation.
+        temperature: 0 for greedy decoding.
+        top_k: sample among the k most likely tokens only (None: all).
+        seed: seed of the sampling.
+    """
+
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 48, temperature: float = 0.8,
+                 top_k: int | None = 50, seed: int = 1337) -> None:
+        self.prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+        if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
+            raise AzGPTError(f"TextSamples: prompts must be a list of non-empty strings, got {prompts!r}")
+        self.sampling = Sampling(max_new_tokens, temperature, top_k)
+        self.seed = seed
+        self._tokenizer: tuple[str, Any] | None = None  # (json, Tokenizer), rebuilt only if the json changes
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        writers = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_text")]
+        tokenizer_json = getattr(pl_module, "tokenizer_json", None)
+        if not writers or tokenizer_json is None:
+            return
+        samples = self._generate(pl_module.model, tokenizer_json)
+        if trainer.is_global_zero:
+            for i, (prompt, continuation) in enumerate(zip(self.prompts, samples)):
+                text = f"**{_markdown(prompt)}**{_markdown(continuation)}"
+                for writer in writers:
+                    writer.add_text(f"samples/{i}", text, global_step=trainer.global_step)
+
+    def _generate(self, model: torch.nn.Module, tokenizer_json: str) -> list[str]:
+        if self._tokenizer is None or self._tokenizer[0] != tokenizer_json:
+            self._tokenizer = (tokenizer_json, tokenizer_from_json(tokenizer_json))
+        generator = Generator(model, self._tokenizer[1])
+        was_training = model.training
+        model.eval()
+        try:
+            return [generator.generate(prompt, max_new_tokens=self.sampling.max_new_tokens,
+                                       temperature=self.sampling.temperature, top_k=self.sampling.top_k,
+                                       seed=self.seed)
+                    for prompt in self.prompts]
+        finally:
+            model.train(was_training)
+
+
+def _markdown(text: str) -> str:
+    """Plain text for TensorBoard's markdown: markup characters escaped, line breaks kept."""
+    escaped = "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|~" else c for c in text)
+    return escaped.replace("\n", "  \n")

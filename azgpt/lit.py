@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
+from azgpt.checkpoint import CHECKPOINT_KEY
 from azgpt.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data import PAD_TARGET
 from azgpt.errors import AzGPTError
@@ -20,7 +21,7 @@ from azgpt.numerics import UpdateGuard
 from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-CHECKPOINT_KEY = "azgpt"
+DATA_SUMMARY_KEYS = ("source", "normalization", "tokenizer_sha256")
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -38,6 +39,14 @@ def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any]) -
         details = ", ".join(f"{k}: checkpoint {saved[k]} vs config {configured[k]}" for k in different)
         raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): "
                          f"use the checkpoint's config (config.yaml beside its checkpoints/) or start a new run")
+
+
+def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of the data's meta.json worth keeping in a checkpoint: sources, normalisation, token counts."""
+    summary = {key: meta[key] for key in DATA_SUMMARY_KEYS if key in meta}
+    for split, counts in (meta.get("splits") or {}).items():
+        summary[f"{split}_tokens"] = counts.get("tokens")
+    return summary
 
 
 class AzGPT(L.LightningModule):
@@ -87,6 +96,7 @@ class AzGPT(L.LightningModule):
                              f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
         self.model = GPT(self.config)
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
+        self.data_summary: dict[str, Any] | None = None  # what it was trained on, for the exported model card
         # float64 sums: the total no longer depends on how blocks are split into batches and ranks.
         self.val_nll = SumMetric().set_dtype(torch.float64)
         self.val_tokens = SumMetric().set_dtype(torch.float64)
@@ -115,6 +125,7 @@ class AzGPT(L.LightningModule):
                     f"than the data in {datamodule.data_dir} (sha256 {self._sha(data_tokenizer)[:12]}...): "
                     f"validate on data prepared with the checkpoint's tokenizer")
             self.tokenizer_json = data_tokenizer
+            self.data_summary = data_summary(datamodule.meta)
             meta_vocab = datamodule.meta["vocab_size"]
             if meta_vocab > self.hparams.vocab_size:
                 raise AzGPTError(f"the data in {datamodule.data_dir} has vocab_size {meta_vocab} but the model has "
@@ -233,7 +244,11 @@ class AzGPT(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        metrics = {}
+        if self._trainer is not None:  # the last validation's metrics, for the model card of an export
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val_")}
         checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json,
+                                      "data": self.data_summary, "metrics": metrics,
                                       "rng": capture_rng_state(), "micro_batch": self._micro_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -246,6 +261,7 @@ class AzGPT(L.LightningModule):
                                  f"raise trainer.max_steps to train further")
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
+        self.data_summary = carried.get("data") or self.data_summary
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._rng_to_restore = carried.get("rng")
             if carried.get("micro_batch"):

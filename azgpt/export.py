@@ -1,0 +1,231 @@
+"""Export a checkpoint as a Hugging Face ``GPT2LMHeadModel`` folder, without needing ``transformers``.
+
+The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
+``special_tokens_map.json`` and a model card ``README.md``; then
+``GPT2LMHeadModel.from_pretrained(folder)`` and ``PreTrainedTokenizerFast.from_pretrained(folder)`` load it.
+
+azgpt's GPT is GPT-2's architecture (pre-LayerNorm, tanh GELU = ``gelu_new``, LayerNorm eps 1e-5, tied head),
+so only the weight layout changes: GPT-2's ``Conv1D`` stores (in, out), the transpose of ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from azgpt import __version__
+from azgpt.checkpoint import Checkpoint, load_checkpoint
+from azgpt.errors import AzGPTError
+from azgpt.model import GPT
+from azgpt.tokenizer import EOT
+
+CONV1D_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LAYER_NORMS = ("ln_1", "ln_2")
+EXPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "README.md")
+
+
+def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """``model``'s weights under GPT2LMHeadModel's names and layouts.
+
+    The embedding keeps only the tokenizer's ``vocab_size`` rows: azgpt pads it to a multiple of 64 but never
+    samples a padded id, and dropping those rows keeps a Hugging Face model from ever producing an id its
+    tokenizer lacks, while the logits of every real token stay the same. Missing biases (``bias=False``) are
+    written as zeros, since GPT-2 always has them; the tied ``lm_head.weight`` is left out, as
+    ``save_pretrained`` does.
+    """
+    cfg = model.config
+    source = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
+    out = {
+        "transformer.wte.weight": source["transformer.wte.weight"][: cfg.vocab_size],
+        "transformer.wpe.weight": source["transformer.wpe.weight"],
+    }
+    widths = {"attn.c_attn": 3 * cfg.n_embd, "attn.c_proj": cfg.n_embd, "mlp.c_fc": 4 * cfg.n_embd,
+              "mlp.c_proj": cfg.n_embd}
+    norms = [f"transformer.h.{i}.{ln}" for i in range(cfg.n_layer) for ln in LAYER_NORMS] + ["transformer.ln_f"]
+    for name in norms:
+        out[f"{name}.weight"] = source[f"{name}.weight"]
+        out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(cfg.n_embd))
+    for i in range(cfg.n_layer):
+        for layer in CONV1D_WEIGHTS:
+            name = f"transformer.h.{i}.{layer}"
+            out[f"{name}.weight"] = source[f"{name}.weight"].t()
+            out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(widths[layer]))
+    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+
+
+def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
+    """``config.json`` for GPT2LMHeadModel with ``model``'s architecture."""
+    cfg = model.config
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": 0.0,  # azgpt has no dropout on attention weights
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def tokenizer_configs(block_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``PreTrainedTokenizerFast``."""
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": block_size,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    return config, special
+
+
+def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
+    """A short ``README.md``: what the model is, what it was trained on, how well it did, how to load it."""
+    cfg = model.config
+    summary = checkpoint.summary
+    params = model.num_params(non_embedding=False) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    lines = [
+        "---",
+        "language: az",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [gpt2, azerbaijani, azgpt]",
+        "---",
+        "",
+        f"# {folder_name}",
+        "",
+        f"A GPT-2 style language model for Azerbaijani, trained from scratch with azgpt {__version__}.",
+        "",
+        "## Model",
+        "",
+        f"- {params:,} parameters ({params / 1e6:.2f} M): {_count(cfg.n_layer, 'layer')}, "
+        f"{_count(cfg.n_head, 'attention head')}, width {cfg.n_embd}, context {cfg.block_size} tokens"
+        + ("" if cfg.bias else "; trained without biases (the exported biases are zeros)"),
+        f"- byte-level BPE tokenizer, {cfg.vocab_size:,} tokens, end of text `{EOT}`; it folds Cyrillic ә/Ә "
+        f"into Latin ə/Ə and applies Unicode NFC",
+        f"- trained for {checkpoint.raw.get('global_step', 'an unknown number of')} optimizer steps "
+        f"(checkpoint `{checkpoint.path.name}`)",
+        "",
+        "## Data",
+        "",
+        *_data_lines(summary.get("data")),
+        "",
+        "## Validation",
+        "",
+        *_metric_lines(_val_metrics(checkpoint)),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast",
+        f'model = GPT2LMHeadModel.from_pretrained("{folder_name}")',
+        f'tokenizer = PreTrainedTokenizerFast.from_pretrained("{folder_name}")',
+        'ids = tokenizer("Azərbaycan", return_tensors="pt").input_ids',
+        "out = model.generate(ids, max_new_tokens=50, do_sample=True, temperature=0.8, top_k=50)",
+        "print(tokenizer.decode(out[0]))",
+        "```",
+        "",
+        "A small model trained from scratch on a limited corpus: it imitates the style of its training text, "
+        "knows little beyond it, and shares its biases.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _data_lines(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return ["Not recorded in the checkpoint."]
+    sources = [s if s.startswith("hf:") else Path(s).name for s in data.get("source") or []]
+    lines = [f"- source: {', '.join(f'`{s}`' for s in sources) or 'unknown'}"]
+    for split in ("train", "val"):
+        tokens = data.get(f"{split}_tokens")
+        if tokens is not None:
+            lines.append(f"- {split} split: {tokens:,} tokens")
+    if data.get("normalization"):
+        lines.append(f"- normalisation: {data['normalization']}")
+    return lines
+
+
+def _val_metrics(checkpoint: Checkpoint) -> dict[str, float]:
+    """The last validation's metrics saved by azgpt, else the score ModelCheckpoint kept for val_loss."""
+    saved = checkpoint.summary.get("metrics")
+    if saved:
+        return {name: float(value) for name, value in saved.items()}
+    for key, state in (checkpoint.raw.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val_loss":
+            score = state.get("current_score")
+            if score is None:
+                score = state.get("best_model_score")
+            if score is not None:
+                loss = float(score)
+                return {"val_loss": loss, "val_ppl": math.exp(loss)}
+    return {}
+
+
+def _metric_lines(metrics: dict[str, float]) -> list[str]:
+    if not metrics:
+        return ["No validation metrics in the checkpoint."]
+    described = {"val_loss": "cross-entropy per token (nats)", "val_ppl": "perplexity per token",
+                 "val_bpb": "bits per UTF-8 byte (comparable across tokenizers)"}
+    return [f"- {name} = {value:.4f}: {described.get(name, '')}".rstrip(": ") for name, value in metrics.items()]
+
+
+def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str) -> None:
+    """Write the Hugging Face files for ``model`` and ``tokenizer`` into ``out`` (created if needed)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise AzGPTError("export needs the safetensors package: pip install 'azgpt[export]' "
+                         "(or pip install safetensors)") from None
+    eot_id = tokenizer.token_to_id(EOT)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(gpt2_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", gpt2_config(model, eot_id))
+    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size)
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    _write_json(out / "special_tokens_map.json", special_tokens)
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Export ``checkpoint_path`` into the folder ``out``; refuses to write over files unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = checkpoint.build_model("cpu")
+    write_hf_folder(model, checkpoint.tokenizer, out, model_card(checkpoint, model, out.resolve().name))
+    return out
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
