@@ -6,7 +6,6 @@ primitives, so a file crafted to run code when loaded is refused instead of exec
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from azgpt.checkpointing import load_checkpoint_file
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
 from azgpt.tokenizer import tokenizer_from_json
@@ -21,7 +21,6 @@ from azgpt.tokenizer import tokenizer_from_json
 CHECKPOINT_KEY = "azgpt"  # where AzGPT.on_save_checkpoint puts the tokenizer and the run's summary
 MODEL_PREFIX = "model."  # AzGPT holds its GPT as ``self.model``
 CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 @dataclass
@@ -51,25 +50,13 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; every failure becomes an AzGPTError naming the file."""
+    """A checkpoint loaded safely onto the CPU; every failure becomes an AzGPTError naming the file."""
     path = Path(path)
     if not path.exists():
         raise AzGPTError(f"checkpoint {path} does not exist: pass a .ckpt from lightning_logs/version_N/checkpoints/")
     if not path.is_file():
         raise AzGPTError(f"checkpoint {path} is not a file: pass a .ckpt file, not a folder")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for bad files
-        refused = _REFUSED_GLOBAL.search(str(exc))
-        if refused:
-            raise AzGPTError(f"refused to load {path}: it carries pickled Python objects ({refused.group(1)}) that "
-                             f"could run code when loaded; azgpt loads tensors and plain data only, so use a "
-                             f"checkpoint written by azgpt fit") from None
-        raise AzGPTError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format: "
-                         f"{type(exc).__name__})") from None
-    if not isinstance(checkpoint, dict):
-        raise AzGPTError(f"{path} is not an azgpt checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
-    return checkpoint
+    return load_checkpoint_file(path)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

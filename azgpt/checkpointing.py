@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import socket
@@ -32,6 +31,7 @@ from azgpt.errors import AzGPTError
 CHECKPOINT_SUFFIX = ".ckpt"
 LAST_NAME = re.compile(r"^last(-v?\d+)?\.ckpt$")  # Lightning's last.ckpt, last-v1.ckpt, ...
 TEMPORARY_SUFFIX = ".tmp"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 class NonFiniteWeightsError(AzGPTError):
@@ -129,20 +129,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``, with a clear ``AzGPTError`` for unsafe or unreadable files."""
     path = Path(path)
+    if not path.exists():
+        raise AzGPTError(f"checkpoint {path} does not exist: pass a .ckpt from lightning_logs/version_N/checkpoints/")
     if not path.is_file():
-        raise AzGPTError(f"checkpoint {path} not found")
+        raise AzGPTError(f"checkpoint {path} is not a file: pass a .ckpt file, not a folder")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds Python objects that safe loading (weights_only=True) does not "
-            f"build, so it was not written by azgpt or was tampered with ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it carries pickled Python objects ({refused.group(1)}) that could run "
+                f"code when loaded; azgpt loads tensors and plain data only, so use a checkpoint written by azgpt "
+                f"fit") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AzGPTError(f"{path} is not a readable checkpoint (truncated or corrupt? {reason})") from None
+        raise AzGPTError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
+                         f"{reason[:200]})") from None
     if not isinstance(checkpoint, dict):
-        raise AzGPTError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+        raise AzGPTError(f"{path} is not an azgpt checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
     return checkpoint
 
 

@@ -155,9 +155,9 @@ def write_without_tokenizer(path: Path, source: Path) -> None:
     "make, pattern",
     [
         (None, r"does not exist"),
-        (lambda p, src: p.write_bytes(b"\x80\x02not a checkpoint at all" * 10), r"not a readable PyTorch checkpoint"),
-        (lambda p, src: p.write_bytes(src.read_bytes()[:5000]), r"not a readable PyTorch checkpoint"),
-        (lambda p, src: p.write_bytes(b""), r"not a readable PyTorch checkpoint"),
+        (lambda p, src: p.write_bytes(b"\x80\x02not a checkpoint at all" * 10), r"not a readable checkpoint"),
+        (lambda p, src: p.write_bytes(src.read_bytes()[:5000]), r"not a readable checkpoint"),
+        (lambda p, src: p.write_bytes(b""), r"not a readable checkpoint"),
         (lambda p, src: write_foreign(p), r"not an azgpt checkpoint"),
         (lambda p, src: torch.save([1, 2, 3], p), r"not an azgpt checkpoint"),
         (write_without_tokenizer, r"holds no tokenizer"),
@@ -240,7 +240,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused_not_run(container: str, 
                     ["export", "--ckpt", str(evil), "--out", str(tmp_path / "hf")]):
         code, _, err = run_cli(capsys, *command)
         assert code == 2
-        assert "refused to load" in err and str(evil) in err
+        assert "refusing to load" in err and str(evil) in err
     assert not sentinel.exists()
 
 

@@ -295,7 +295,7 @@ def test_ckpt_path_last_without_any_readable_checkpoint_fails_clearly(tmp_path, 
 def test_missing_or_truncated_explicit_checkpoint_is_a_clear_error(tmp_path, data_dir, capsys) -> None:
     config = write_config(tmp_path / "run", data_dir)
     assert fit(config, "--ckpt_path", str(tmp_path / "nope.ckpt")) == 2
-    assert "nope.ckpt not found" in capsys.readouterr().err
+    assert "nope.ckpt does not exist" in capsys.readouterr().err
     (tmp_path / "cut.ckpt").write_bytes(b"\x00" * 100)
     assert main(["validate", "--config", str(config), "--ckpt_path", str(tmp_path / "cut.ckpt")]) == 2
     assert "cut.ckpt is not a readable checkpoint" in capsys.readouterr().err
