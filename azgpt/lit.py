@@ -27,6 +27,22 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights of two or more dimensions (matmuls, embeddings), none on gains and biases."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """Fused AdamW (one kernel per step) where torch has it for the parameters' device: CUDA, and CPU since
+    torch 2.4, where it takes about a third of the time of the default per-tensor loop; else the default."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except RuntimeError:
+        return torch.optim.AdamW(groups, **kwargs)
+
+
 class AzGPT(L.LightningModule):
     """A GPT language model and how to train it.
 
@@ -89,6 +105,9 @@ class AzGPT(L.LightningModule):
             self._compiled = True
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            if torch.get_float32_matmul_precision() == "highest":  # the default: the user chose nothing
+                torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_tokenizer = getattr(datamodule, "tokenizer_json", None)
         if data_tokenizer is not None:
@@ -145,12 +164,8 @@ class AzGPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
-                                      fused=fused)
+        optimizer = build_adamw(adamw_param_groups(self, hp.weight_decay), lr=hp.learning_rate,
+                                betas=(hp.beta1, hp.beta2), eps=hp.eps)
         decay_steps = hp.decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps <= 0:
             raise AzGPTError("set trainer.max_steps (or model.decay_steps) so the learning-rate schedule has an end")
