@@ -8,12 +8,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import AzGPTError
-
-
-MEASURE_SIZE = 1024  # within a few % of the 2048² rate on CPUs, and 8x cheaper to measure
 
 
 def _sync(device: torch.device) -> None:
@@ -60,8 +58,9 @@ class TrainingSpeed(L.Callback):
 
     Args:
         peak_flops: the device's peak FLOP/s for ``mfu``. None: Lightning's datasheet figure where it knows
-            the device (CUDA GPUs), else measured once when training starts (CPUs: 1024² matmuls, about
-            0.1 s); ``"measure"``: always measured; 0: no ``mfu``.
+            the device (CUDA GPUs), else no ``mfu``; ``"measure"``: the best rate of 2048² matmuls in the
+            training dtype, timed once when training starts (about a second on a CPU), as the benchmark
+            ``bench/train_throughput.py`` does; 0: no ``mfu``.
     """
 
     def __init__(self, peak_flops: float | Literal["measure"] | None = None) -> None:
@@ -71,6 +70,7 @@ class TrainingSpeed(L.Callback):
         self._tokens = 0
         self._window_tokens = 0
         self._window_start = 0.0
+        self._last_step_end = 0.0
         self._window_seconds = 0.0  # training time of the current window before a validation paused it
         self._train_seconds = 0.0
         self._fit_start = 0.0
@@ -82,10 +82,10 @@ class TrainingSpeed(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device, dtype = trainer.strategy.root_device, precision_dtype(trainer.precision)
-        if self.peak_flops is None and device.type == "cuda":
+        if self.peak_flops is None:
             self.peak_flops = get_available_flops(device, dtype)
-        if self.peak_flops is None or self.peak_flops == "measure":
-            self.peak_flops = measure_matmul_flops(device, dtype, size=MEASURE_SIZE)
+        elif self.peak_flops == "measure":
+            self.peak_flops = measure_matmul_flops(device, dtype)
             rank_zero_info(f"azgpt: mfu is against a measured matmul peak of {self.peak_flops / 1e9:,.0f} GFLOP/s "
                            f"({str(dtype).removeprefix('torch.')}, {device.type})")
         model = getattr(pl_module, "model", None)
@@ -118,12 +118,16 @@ class TrainingSpeed(L.Callback):
         self._window_seconds = 0.0
         self._window_start = now
 
+    @staticmethod
+    def _validating_within_training(trainer: L.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:  # pause the clock; the last step ended just before
+        if self._validating_within_training(trainer):  # pause the clock; the last step ended just before
             self._window_seconds += max(0.0, self._last_step_end - self._window_start)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if self._validating_within_training(trainer):
             self._window_start = self._last_step_end = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

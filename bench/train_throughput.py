@@ -26,6 +26,7 @@ import os
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ import torch  # noqa: E402
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from azgpt.callbacks import measure_matmul_flops  # noqa: E402
 from azgpt.data import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
 from azgpt.lit import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
 from azgpt.model import GPT, GPTConfig  # noqa: E402
@@ -81,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prepared token files (default: data/bench/<corpus stem>-v<vocab> in the repo)")
     p.add_argument("--random-tokens", action="store_true", help="use random tokens even if the corpus exists")
     p.add_argument("--val-rounds", type=int, default=3, help="validation-cost measurements (0: skip)")
+    p.add_argument("--cli-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for azgpt's LightningCLI in the fit path, e.g. "
+                        "--cli-arg=--trainer.enable_progress_bar=false (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
     args = p.parse_args(argv)
@@ -109,22 +114,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(size: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Best FLOP/s of size x size matmuls (the practical peak of this device and dtype)."""
-    a = torch.randn(size, size, device=device(), dtype=dtype)
-    b = torch.randn(size, size, device=device(), dtype=dtype)
-    inner = 3 if device().type == "cpu" else 50
-    best = 0.0
-    for _ in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        sync()
-        best = max(best, inner * 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
 def peak_dtype(precision: str) -> torch.dtype:
     return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
 
@@ -138,6 +127,21 @@ def autocast(precision: str):
 def machine_load() -> str:
     load1, load5, _ = os.getloadavg()
     return f"load average {load1:.2f} (1 min), {load5:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def other_busy_processes(limit: int = 5) -> str:
+    """The other processes using the most CPU now (from ps), to say what else was running."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no ps)"
+    rows = []
+    for line in out.splitlines():
+        pid, pcpu, command = line.split(None, 2)
+        if int(pid) != os.getpid() and float(pcpu) >= 5.0:
+            rows.append(f"{float(pcpu):.0f}% {command[:70]}")
+    return "; ".join(rows[:limit]) or "none above 5% CPU"
 
 
 @dataclass
@@ -220,7 +224,7 @@ def cli_args(args: argparse.Namespace, tokens: Tokens, log_dir: str, max_steps: 
         "--trainer.precision", args.precision, "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", log_dir, "--trainer.logger.init_args.save_dir", log_dir,
         "--val_every_n_steps", str(val_every),
-    ]
+    ] + args.cli_arg
 
 
 def build_cli(args: argparse.Namespace, tokens: Tokens, log_dir: str, max_steps: int, val_every: int) -> AzGPTCLI:
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads, precision {args.precision}, compile {args.compile}")
     print(f"malloc: {TUNING['malloc']}" + (f"; LD_PRELOAD={os.environ['LD_PRELOAD']}"
                                            if os.environ.get("LD_PRELOAD") else ""))
-    print(f"machine at start: {machine_load()}")
+    print(f"machine at start: {machine_load()}; other busy processes: {other_busy_processes()}")
     tokens = load_tokens(args)
     print(f"data: {tokens.description}")
     config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     peaks = []
     for r in range(args.rounds):
-        peaks.append(matmul_peak(args.peak_size, peak_dtype(args.precision)))
+        peaks.append(measure_matmul_flops(device(), peak_dtype(args.precision), size=args.peak_size))
         for name in names if r % 2 == 0 else names[::-1]:
             stats = runners[name](args, tokens).window(args.warmup, tokens_per_step)
             results[name].append(stats)
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         per_val, per_fwd, val_tokens = validation_cost(args, tokens)
         print(f"\nvalidation: full pass over {val_tokens:,} tokens at {1 / per_val:,.0f} tokens/s; training forward "
               f"pass {1 / per_fwd:,.0f} tokens/s; validation / forward time per token {per_val / per_fwd:.2f}")
-    print(f"machine at end: {machine_load()}")
+    print(f"machine at end: {machine_load()}; other busy processes: {other_busy_processes()}")
     return 0
 
 

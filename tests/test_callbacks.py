@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader
 
 from azgpt.callbacks import TrainingSpeed, measure_matmul_flops, precision_dtype
-from azgpt.data import RandomTrainBlocks
+from azgpt.data import FixedValBlocks, RandomTrainBlocks
 from azgpt.errors import AzGPTError
 from azgpt.lit import AzGPT
 
@@ -61,18 +63,34 @@ def test_logs_tokens_per_sec_and_mfu_on_logged_steps_only() -> None:
     assert speed._tokens == 4 * 2 * 2 * 8  # steps x accumulation x rows x block
 
 
-def test_no_mfu_when_peak_is_zero() -> None:
-    logger = tiny_fit(TrainingSpeed(peak_flops=0), max_steps=2, log_every=1)
+def test_validation_during_fit_is_left_out_of_the_rate() -> None:
+    torch.manual_seed(0)
+    model = AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, warmup_steps=1)
+    tokens = np.random.default_rng(0).integers(0, 64, 1000, dtype=np.uint16)
+    train = DataLoader(RandomTrainBlocks(tokens, block_size=8, batch_size=2, seed=0), batch_size=None)
+    val = DataLoader(FixedValBlocks(tokens, block_size=8, max_blocks=4), batch_size=2)
+    speed = TrainingSpeed(peak_flops=0)
+    trainer = L.Trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=1, val_check_interval=4,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=1, logger=MemoryLogger(),
+                        callbacks=[speed], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+    assert "val_loss" in trainer.callback_metrics
+    assert 0 < speed._train_seconds < time.perf_counter() - speed._fit_start
+
+
+@pytest.mark.parametrize("peak", [None, 0])
+def test_no_mfu_on_cpu_unless_asked(peak) -> None:
+    logger = tiny_fit(TrainingSpeed(peak_flops=peak), max_steps=2, log_every=1)
     logged = [m for _, m in logger.records if "tokens_per_sec" in m]
     assert logged and not any("mfu" in m for m in logged)
 
 
-@pytest.mark.parametrize("peak", [None, "measure"])
-def test_cpu_peak_is_measured_once(monkeypatch: pytest.MonkeyPatch, peak) -> None:
+def test_measures_the_peak_once_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr("azgpt.callbacks.measure_matmul_flops",
-                        lambda device, dtype, size: calls.append((device.type, dtype)) or 5e11)
-    speed = TrainingSpeed(peak_flops=peak)
+                        lambda device, dtype: calls.append((device.type, dtype)) or 5e11)
+    speed = TrainingSpeed(peak_flops="measure")
     logger = tiny_fit(speed, max_steps=2, log_every=1)
     assert calls == [("cpu", torch.float32)]
     assert speed.peak_flops == 5e11
