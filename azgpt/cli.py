@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from azgpt.errors import AzGPTError, TrainingInterrupted
+from azgpt.runtime import tune_malloc
 
 TRAINING_COMMANDS = ("fit", "validate", "test")
 EXIT_USER_ERROR = 2
@@ -187,6 +188,7 @@ COMMANDS = {"prepare": run_prepare, "generate": run_generate, "export": run_expo
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``azgpt`` and ``python -m azgpt.cli``."""
+    tune_malloc()  # process-wide malloc settings, see azgpt/runtime.py; AZGPT_NO_TUNING=1 opts out
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     handler = COMMANDS.get(command)

@@ -49,6 +49,26 @@ def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the weights of Linear and Embedding layers, none on LayerNorm gains and biases.
+
+    Chosen by module type rather than ``p.dim() >= 2``: FSDP flattens the parameters it shards to 1-D.
+    """
+    weights = {id(m.weight) for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) in weights], "weight_decay": weight_decay, "name": "decay"},
+            {"params": [p for p in params if id(p) not in weights], "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """Fused AdamW (one kernel per step) where torch has it for the parameters' device: CUDA, and CPU since
+    torch 2.4, where it takes about a third of the time of the default per-tensor loop; else the default."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except RuntimeError:
+        return torch.optim.AdamW(groups, **kwargs)
+
+
 class AzGPT(L.LightningModule):
     """A GPT language model and how to train it.
 
@@ -116,6 +136,9 @@ class AzGPT(L.LightningModule):
             self._compiled = True
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            if torch.get_float32_matmul_precision() == "highest":  # the default: the user chose nothing
+                torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_tokenizer = getattr(datamodule, "tokenizer_json", None)
         if data_tokenizer is not None:
@@ -188,15 +211,8 @@ class AzGPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        # Chosen by module type, not p.dim() >= 2: FSDP flattens the parameters it shards to 1-D.
-        weights = {id(m.weight) for m in self.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
-        decay = [p for p in self.parameters() if p.requires_grad and id(p) in weights]
-        no_decay = [p for p in self.parameters() if p.requires_grad and id(p) not in weights]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
-                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
-                                      fused=fused)
+        optimizer = build_adamw(adamw_param_groups(self, hp.weight_decay), lr=hp.learning_rate,
+                                betas=(hp.beta1, hp.beta2), eps=hp.eps)
         decay_steps = hp.decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps <= 0:
             raise AzGPTError("set trainer.max_steps (or model.decay_steps) so the learning-rate schedule has an end")

@@ -1,0 +1,26 @@
+"""bench/train_throughput.py still runs end to end (a smoke run on a tiny model; its figures are not checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_smoke_run(tmp_path) -> None:
+    command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--random-tokens",
+               "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "2",
+               "--accumulate", "2", "--vocab-size", "512", "--rounds", "2", "--warmup", "1", "--steps", "1",
+               "--val-rounds", "1", "--peak-size", "64", "--cache-dir", str(tmp_path / "unused")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("command: PYTHONPATH=. python bench/train_throughput.py --random-tokens")
+    assert "data: RANDOM tokens (--random-tokens)" in out
+    for line in ("azgpt fit ", "plain loop ", "fit / plain:", "validation: full pass"):
+        assert line in out
