@@ -118,9 +118,11 @@ class AzGPT(L.LightningModule):
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
         self.data_summary: dict[str, Any] | None = None  # what it was trained on, for the exported model card
         # float64 sums: the total no longer depends on how blocks are split into batches and ranks.
-        self.val_nll = SumMetric().set_dtype(torch.float64)
-        self.val_tokens = SumMetric().set_dtype(torch.float64)
-        self.val_bytes = SumMetric().set_dtype(torch.float64)
+        # nan_strategy "disable": a diverged model must report a NaN val_loss, not silently drop the NaN batches
+        # (the default); it also skips a per-update device sync.
+        self.val_nll = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.val_tokens = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.val_bytes = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
         self.register_buffer("byte_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0

@@ -125,3 +125,12 @@ def test_weight_decay_only_on_matrices() -> None:
     assert groups[0]["weight_decay"] > 0 and all(p.dim() >= 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0 and all(p.dim() < 2 for p in groups[1]["params"])
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_diverged_model_reports_nan_not_a_finite_val_loss(trained_run: Path, prepared_dir: Path) -> None:
+    model = AzGPT.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    with torch.no_grad():
+        model.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    dm = AzGPTDataModule(data_dir=str(prepared_dir), vocab_size=TINY_VOCAB, block_size=TINY_BLOCK, batch_size=4)
+    metrics = L.Trainer(logger=False, enable_progress_bar=False).validate(model, datamodule=dm)[0]
+    assert math.isnan(metrics["val_loss"])
