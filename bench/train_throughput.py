@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from azgpt.callbacks import measure_matmul_flops  # noqa: E402
+from azgpt.callbacks import TextSamples, measure_matmul_flops  # noqa: E402
 from azgpt.data import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
 from azgpt.lit import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
 from azgpt.model import GPT, GPTConfig  # noqa: E402
@@ -318,6 +318,9 @@ def validation_cost(args: argparse.Namespace, tokens: Tokens) -> tuple[float, fl
     with tempfile.TemporaryDirectory(prefix="azgpt-bench-") as log_dir:
         cli = build_cli(args, tokens, log_dir, max_steps=1, val_every=1)
         clock = EvalClock()
+        # TextSamples writes a few generations after each validation: a fixed cost per pass whatever the
+        # number of val blocks, which is not the validation pass this compares with a forward pass.
+        cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, TextSamples)]
         cli.trainer.callbacks.append(clock)
         model: AzGPT = cli.model
         if tokens.data_dir is not None:
