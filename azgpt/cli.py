@@ -20,7 +20,6 @@ from pathlib import Path
 from azgpt.errors import AzGPTError, TrainingInterrupted
 from azgpt.runtime import tune_malloc
 
-TRAINING_COMMANDS = ("fit", "validate", "test")
 EXIT_USER_ERROR = 2
 
 
@@ -62,13 +61,17 @@ def run_prepare(argv: list[str]) -> int:
     return 0
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, type=Path, metavar="PATH", help="checkpoint written by azgpt fit")
+
+
 def build_generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="azgpt generate",
         description="Continue a prompt with a trained model, printing the text as it is written. Stops at "
                     "<|endoftext|> or after --max-new-tokens tokens.",
     )
-    parser.add_argument("--ckpt", required=True, type=Path, metavar="PATH", help="checkpoint written by azgpt fit")
+    add_checkpoint_argument(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (cropped from the left "
                         "to the model's block size)")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to add (default 200)")
@@ -154,7 +157,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         description="Write a checkpoint as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors, "
                     "tokenizer files, README.md model card). Needs safetensors, not transformers.",
     )
-    parser.add_argument("--ckpt", required=True, type=Path, metavar="PATH", help="checkpoint written by azgpt fit")
+    add_checkpoint_argument(parser)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
     return parser

@@ -271,18 +271,18 @@ class AzGPT(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_same_architecture(checkpoint.get("hyper_parameters", {}), self.hparams)
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn == "fit":
-            step, max_steps = checkpoint.get("global_step", 0), trainer.max_steps
-            if max_steps is not None and 0 < max_steps <= step:
-                raise AzGPTError(f"the checkpoint is already at step {step} and trainer.max_steps is {max_steps}: "
-                                 f"raise trainer.max_steps to train further")
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
         self.data_summary = carried.get("data") or self.data_summary
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            self._rng_to_restore = carried.get("rng")
-            if carried.get("micro_batch"):
-                rank_zero_warn(f"azgpt: this checkpoint was written in the middle of an optimizer step (micro-batch "
-                               f"{carried['micro_batch']} of {self.trainer.accumulate_grad_batches}): the resumed run "
-                               f"will not match an uninterrupted one exactly")
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        step, max_steps = checkpoint.get("global_step", 0), trainer.max_steps
+        if max_steps is not None and 0 < max_steps <= step:
+            raise AzGPTError(f"the checkpoint is already at step {step} and trainer.max_steps is {max_steps}: "
+                             f"raise trainer.max_steps to train further")
+        self._rng_to_restore = carried.get("rng")
+        if carried.get("micro_batch"):
+            rank_zero_warn(f"azgpt: this checkpoint was written in the middle of an optimizer step (micro-batch "
+                           f"{carried['micro_batch']} of {trainer.accumulate_grad_batches}): the resumed run "
+                           f"will not match an uninterrupted one exactly")
