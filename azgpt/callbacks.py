@@ -14,38 +14,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import AzGPTError
 from azgpt.generate import Generator, Sampling
+from azgpt.precision import measure_matmul_flops, precision_dtype
 from azgpt.tokenizer import tokenizer_from_json
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
-                         repeats: int = 3) -> float:
-    """Best FLOP/s of ``size`` x ``size`` matmuls on ``device``: the practical peak to compute MFU against."""
-    device = torch.device(device)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    inner = 3 if device.type == "cpu" else 20
-    best = 0.0
-    for _ in range(repeats + 1):  # the first round warms up
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        _sync(device)
-        best = max(best, inner * 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
-def precision_dtype(precision: str | int) -> torch.dtype:
-    """The dtype matmuls run in under a Lightning precision setting."""
-    p = str(precision)
-    if "bf16" in p:
-        return torch.bfloat16
-    return torch.float16 if "16" in p else torch.float32
 
 
 class TrainingSpeed(L.Callback):

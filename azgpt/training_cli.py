@@ -19,10 +19,10 @@ from azgpt.checkpointing import AtomicCheckpointIO, checkpoint_folders, resolve_
 from azgpt.data import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.lit import AzGPT, check_same_architecture
+from azgpt.precision import resolve_cpu_precision
 from azgpt.signals import GracefulStop
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", 16}
 
 
 def resolve_config_path(name: str) -> str:
@@ -100,10 +100,12 @@ class AzGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        if not torch.cuda.is_available() and trainer.precision in MIXED_PRECISIONS:
-            rank_zero_info(f"azgpt: no CUDA device, so precision {trainer.precision} becomes 32-true "
-                           f"(fp32 is faster than bf16 on CPUs)")
-            trainer.precision = "32-true"
+        if not torch.cuda.is_available():
+            chosen = resolve_cpu_precision(trainer.precision)
+            if chosen is not None:
+                rank_zero_info(f"azgpt: no CUDA device, so precision {trainer.precision} becomes "
+                               f"{chosen.precision} ({chosen.reason})")
+                trainer.precision = chosen.precision
         every = config.get("val_every_n_steps")
         if every is not None:
             if every < 1:
@@ -131,6 +133,8 @@ def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
     # LightningCLI reads sys.argv (and DDP re-launches the script from it), so the resolved arguments go
     # there rather than into `args=`, which would warn that both are set.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch-internal noise raised inside Lightning
+    # Mixed precision keeps fp32 weights, so the summary's fallback to 32 bits gives the right size anyway.
+    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
     try:

@@ -49,17 +49,17 @@ import torch  # noqa: E402
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from azgpt.callbacks import TextSamples, measure_matmul_flops  # noqa: E402
+from azgpt.callbacks import TextSamples  # noqa: E402
 from azgpt.data import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
 from azgpt.lit import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
 from azgpt.model import GPT, GPTConfig  # noqa: E402
+from azgpt.precision import measure_matmul_flops, resolve_cpu_precision  # noqa: E402
 from azgpt.training_cli import AzGPTCLI, resolve_config_arguments  # noqa: E402
 
 SEED = 1337
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n-layer", type=int, default=4)
@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--precision", default="16-mixed" if cuda else "32-true",
-                   choices=("32-true", "16-mixed", "bf16-mixed"))
+    p.add_argument("--precision", default="auto", choices=("auto", "32-true", "16-mixed", "bf16-mixed"),
+                   help="auto: what azgpt's configs get here (16-mixed on CUDA; on a CPU the faster of "
+                        "bf16-mixed and 32-true, timed as azgpt's CLI does)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in both paths")
     p.add_argument("--rounds", type=int, default=3, help="runs of each path, alternating")
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps per run left out of the timing")
@@ -377,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
     print(f"command: {reproduce_command(argv)}")
+    if args.precision == "auto":
+        chosen = None if torch.cuda.is_available() else resolve_cpu_precision("16-mixed")
+        args.precision = "16-mixed" if chosen is None else chosen.precision
+        print(f"precision auto -> {args.precision}" + ("" if chosen is None else f" ({chosen.reason})"))
     print(f"torch {torch.__version__}, lightning {L.__version__}, device {device()}, "
           f"{torch.get_num_threads()} threads, precision {args.precision}, compile {args.compile}")
     print(f"malloc: {TUNING['malloc']}" + (f"; LD_PRELOAD={os.environ['LD_PRELOAD']}"

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader
 
-from azgpt.callbacks import TrainingSpeed, measure_matmul_flops, precision_dtype
+from azgpt.callbacks import TrainingSpeed
 from azgpt.data import FixedValBlocks, RandomTrainBlocks
 from azgpt.errors import AzGPTError
 from azgpt.lit import AzGPT
@@ -97,16 +97,6 @@ def test_measures_the_peak_once_when_asked(monkeypatch: pytest.MonkeyPatch) -> N
     assert any("mfu" in m for _, m in logger.records)
 
 
-def test_measure_matmul_flops_is_positive() -> None:
-    assert measure_matmul_flops("cpu", size=64, repeats=1) > 0
-
-
 def test_rejects_unknown_peak_word() -> None:
     with pytest.raises(AzGPTError, match="peak_flops"):
         TrainingSpeed(peak_flops="fast")
-
-
-@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("16-mixed", torch.float16),
-                                              ("bf16-mixed", torch.bfloat16), (32, torch.float32)])
-def test_precision_dtype(precision, dtype) -> None:
-    assert precision_dtype(precision) is dtype

@@ -94,6 +94,21 @@ def test_stop_mid_epoch_and_resume_is_bitwise_identical(tmp_path, data_dir, refe
 
 
 @pytest.mark.slow
+def test_bf16_mixed_on_cpu_resumes_bitwise_identical(tmp_path, data_dir, reference, capsys) -> None:
+    """bf16-mixed, what 16-mixed becomes on CPUs with native bf16 matmuls, resumes exactly too."""
+    bf16 = ("--trainer.precision", "bf16-mixed")
+    uninterrupted, run = tmp_path / "uninterrupted", tmp_path / "run"
+    assert fit(write_config(uninterrupted, data_dir), *bf16) == 0
+    assert fit(write_config(run, data_dir, extra_callbacks=signal_callback("SIGTERM", 3, 1)), *bf16) == 143
+    assert fit(write_config(run, data_dir), *bf16, "--ckpt_path", "last") == 0
+    assert_matches_reference(uninterrupted, [run])
+    # bf16 really ran: its losses are close to fp32's but not the same numbers.
+    fp32, half = read_losses(reference), read_losses(uninterrupted)
+    assert any(not torch.equal(fp32[s], half[s]) for s in fp32)
+    assert max(abs(float(fp32[s]) - float(half[s])) for s in fp32) < 0.05
+
+
+@pytest.mark.slow
 def test_two_interruptions_sigterm_then_sigint_in_real_processes(tmp_path, data_dir, reference) -> None:
     """Done-when 2 and 5: SIGTERM (exit 143), then SIGINT (exit 130), each mid-accumulation, in real processes;
     each leaves a checkpoint at a step boundary, and the final resume ends at exactly max_steps with the

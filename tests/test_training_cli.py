@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from azgpt.cli import main
 from azgpt.training_cli import resolve_config_arguments
@@ -115,13 +116,29 @@ def test_resuming_a_finished_run_does_not_report_zero_steps(trained_run: Path, p
     assert code == 2 and "already at step 6" in err
 
 
-def test_cpu_run_uses_fp32_and_says_so(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("bf16_flops, expected", [(8e11, "bf16-mixed"), (1e11, "32-true")])
+def test_cpu_run_picks_the_faster_precision_and_says_so(prepared_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         bf16_flops: float, expected: str) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AZGPT_CPU_PRECISION")
+    monkeypatch.setattr("azgpt.precision.measure_matmul_flops",
+                        lambda device, dtype, **kw: bf16_flops if dtype is torch.bfloat16 else 2e11)
     import logging
 
     with caplog.at_level(logging.INFO):
         assert main(tiny_fit_args(prepared_dir, max_steps=1) + ["--trainer.precision", "16-mixed"]) == 0
-    assert "becomes 32-true" in caplog.text
+    assert f"becomes {expected}" in caplog.text and "GFLOP/s" in caplog.text
     config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
-    assert "precision: 32-true" in config
+    assert f"precision: {expected}" in config
+
+
+def test_bad_cpu_precision_variable_is_a_clear_error(prepared_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AZGPT_CPU_PRECISION", "fp8")
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=1), capsys)
+    assert code == 2 and "AZGPT_CPU_PRECISION" in err and "32-true" in err
+    assert not (tmp_path / "lightning_logs").exists()
