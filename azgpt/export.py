@@ -4,7 +4,7 @@ The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``t
 ``special_tokens_map.json`` and a model card ``README.md``; then
 ``GPT2LMHeadModel.from_pretrained(folder)`` and ``PreTrainedTokenizerFast.from_pretrained(folder)`` load it.
 
-azgpt's GPT is GPT-2's architecture (pre-LayerNorm, tanh GELU = ``gelu_new``, LayerNorm eps 1e-5, tied head),
+azgpt's GPT is GPT-2's architecture (pre-LayerNorm, LayerNorm eps 1e-5, tied head; GELU exact or GPT-2's tanh form),
 so only the weight layout changes: GPT-2's ``Conv1D`` stores (in, out), the transpose of ``nn.Linear``.
 """
 
@@ -23,6 +23,9 @@ from azgpt.checkpoint import Checkpoint, load_checkpoint
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.tokenizer import EOT
+
+# azgpt activation -> transformers' activation_function with the same formula
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 
 CONV1D_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LAYER_NORMS = ("ln_1", "ln_2")
@@ -71,7 +74,7 @@ def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": None,  # 4 * n_embd
-        "activation_function": "gelu_new",
+        "activation_function": HF_ACTIVATIONS[cfg.activation],
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": 0.0,  # azgpt has no dropout on attention weights

@@ -16,11 +16,11 @@ from azgpt.checkpoint import CHECKPOINT_KEY
 from azgpt.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data import PAD_TARGET
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, GPTConfig
+from azgpt.model import GPT, LEGACY_ACTIVATION, GPTConfig
 from azgpt.numerics import UpdateGuard
 from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
-ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
 DATA_SUMMARY_KEYS = ("source", "normalization", "tokenizer_sha256")
 
 
@@ -94,6 +94,7 @@ class AzGPT(L.LightningModule):
         n_embd: int = 256,
         dropout: float = 0.0,
         bias: bool = False,
+        activation: str = "gelu",
         learning_rate: float = 6e-4,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
@@ -108,7 +109,7 @@ class AzGPT(L.LightningModule):
         self.save_hyperparameters()
         try:
             self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                                    n_embd=n_embd, dropout=dropout, bias=bias)
+                                    n_embd=n_embd, dropout=dropout, bias=bias, activation=activation)
         except ValueError as exc:
             raise AzGPTError(f"model: {exc}") from None
         if learning_rate <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
@@ -270,7 +271,14 @@ class AzGPT(L.LightningModule):
                                       "rng": capture_rng_state(), "micro_batch": self._micro_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_same_architecture(checkpoint.get("hyper_parameters", {}), self.hparams)
+        saved = checkpoint.get("hyper_parameters", {})
+        if "activation" not in saved:  # an older checkpoint: its model was trained with GPT-2's tanh GELU
+            saved = {**saved, "activation": LEGACY_ACTIVATION}
+            if self.hparams.activation != LEGACY_ACTIVATION:
+                self.hparams.activation = LEGACY_ACTIVATION
+                self.model.use_activation(LEGACY_ACTIVATION)
+                self.config = self.model.config
+        check_same_architecture(saved, self.hparams)
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
         self.data_summary = carried.get("data") or self.data_summary

@@ -38,7 +38,7 @@ def test_export_writes_the_hugging_face_files(exported: Path, tiny_run) -> None:
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert (config["vocab_size"], config["n_positions"], config["n_embd"], config["n_layer"], config["n_head"]) == (
         cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head)
-    assert config["activation_function"] == "gelu_new" and config["layer_norm_epsilon"] == 1e-5
+    assert config["activation_function"] == "gelu" and config["layer_norm_epsilon"] == 1e-5
     assert config["eos_token_id"] == config["bos_token_id"] == 0
     tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
     assert tokenizer_config["eos_token"] == tokenizer_config["bos_token"] == "<|endoftext|>"
@@ -139,12 +139,14 @@ def test_transformers_greedy_generation_matches(exported: Path, tiny_run, transf
     assert out[0, len(prompt):].tolist() == ours
 
 
-def test_biases_and_layouts_survive_export(tiny_run, tmp_path: Path, transformers) -> None:
-    """With bias=True and every bias random, a transposed or misplaced tensor would change the logits."""
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_biases_and_layouts_survive_export(tiny_run, tmp_path: Path, transformers, activation: str) -> None:
+    """With bias=True and every bias random, a transposed or misplaced tensor (or a different GELU) would
+    change the logits."""
     tokenizer = load_checkpoint(tiny_run.ckpt).tokenizer
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=40, n_layer=2, n_head=4, n_embd=32,
-                          bias=True)).eval()
+                          bias=True, activation=activation)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "ln" in name:

@@ -61,6 +61,7 @@ def test_padded_vocab_size(vocab_size: int) -> None:
         (dict(n_layer=2.5), "n_layer"),
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
+        (dict(activation="relu"), "activation"),
     ],
 )
 def test_config_validation(overrides: dict, field: str) -> None:

@@ -84,6 +84,30 @@ def test_reloaded_checkpoint_validates_to_the_same_loss(trained_run: Path, prepa
     assert first["val_loss"] == pytest.approx(second["val_loss"], abs=1e-6)
 
 
+def test_checkpoint_from_before_the_activation_setting_keeps_tanh_gelu(trained_run: Path, tmp_path: Path) -> None:
+    """Checkpoints written before ``activation`` existed were trained with GPT-2's tanh GELU: every reader
+    (Lightning's load_from_checkpoint and generate/export's load_checkpoint) must rebuild them that way."""
+    from azgpt.checkpoint import load_checkpoint
+
+    raw = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert raw["hyper_parameters"]["activation"] == "gelu"  # what new runs write
+    del raw["hyper_parameters"]["activation"]
+    old = tmp_path / "old.ckpt"
+    torch.save(raw, old)
+
+    module = AzGPT.load_from_checkpoint(old, weights_only=True)
+    assert module.hparams.activation == "gelu_tanh" and module.model.config.activation == "gelu_tanh"
+    assert {block.mlp.gelu.approximate for block in module.model.transformer.h} == {"tanh"}
+    plain = load_checkpoint(old).build_model()
+    assert plain.config.activation == "gelu_tanh"
+    idx = torch.randint(0, TINY_VOCAB, (2, TINY_BLOCK))
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.equal(module.model(idx)[0], plain(idx)[0])
+        exact = AzGPT.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", weights_only=True).model.eval()
+        assert not torch.equal(exact(idx)[0], plain(idx)[0])
+
+
 def test_checkpoint_carries_the_tokenizer(trained_run: Path, prepared_dir: Path) -> None:
     model = AzGPT.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert model.tokenizer_json == load_tokenizer(prepared_dir / "tokenizer.json").to_str()
