@@ -84,8 +84,8 @@ def resolve_cpu_precision(requested: str | int) -> CpuPrecision | None:
             raise AzGPTError(f"environment variable {CPU_PRECISION_ENV}={preset!r} is not one of "
                              f"{', '.join(CPU_CHOICES)}; set one of those or unset it")
         return CpuPrecision(preset, f"{CPU_PRECISION_ENV}={preset}")
-    fp32 = measure_matmul_flops("cpu", torch.float32, size=1024, repeats=2)
-    bf16 = measure_matmul_flops("cpu", torch.bfloat16, size=1024, repeats=2)
+    fp32 = measure_matmul_flops("cpu", torch.float32, size=1024, repeats=3)
+    bf16 = measure_matmul_flops("cpu", torch.bfloat16, size=1024, repeats=3)
     choice = choose_cpu_precision(fp32, bf16)
     os.environ[CPU_PRECISION_ENV] = choice
     return CpuPrecision(choice, f"bf16 matmuls ran at {bf16 / 1e9:,.0f} GFLOP/s vs {fp32 / 1e9:,.0f} for fp32 "
