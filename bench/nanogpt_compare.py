@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tuned", action="store_true", help="apply azgpt's glibc malloc tuning first")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--runs", type=int, default=2, help="separate train.py runs")
-    p.add_argument("--iters", type=int, default=12, help="iterations per run (optimizer steps)")
+    p.add_argument("--iters", type=int, default=12, help="nanoGPT's max_iters: it runs iterations 0..iters")
     p.add_argument("--skip", type=int, default=2, help="first iterations per run left out (iteration 0 evaluates)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print("command: PYTHONPATH=. python bench/nanogpt_compare.py " + " ".join(shlex.quote(a) for a in argv))
     write_nanogpt_data(args)
     print(f"nanoGPT: {args.nanogpt / args.script}, dtype {args.dtype}, compile {args.compile}, "
-          f"malloc tuning {'on' if args.tuned else 'off'}; {args.runs} runs x {args.iters - args.skip} timed "
+          f"malloc tuning {'on' if args.tuned else 'off'}; {args.runs} runs x {args.iters + 1 - args.skip} timed "
           f"iterations", flush=True)
     rates = []
     for run in range(args.runs):
