@@ -58,6 +58,15 @@ def _with_default(configured: object, kind: type, make: type) -> list:
     return items if any(isinstance(item, kind) for item in items) else [*items, make()]
 
 
+def _trains_on_cpu(accelerator: object) -> bool:
+    """Whether Lightning will run on the CPU: asked for, or ``auto`` with neither CUDA nor Apple's MPS."""
+    if isinstance(accelerator, str) and accelerator != "auto":
+        return accelerator == "cpu"
+    if accelerator is not None and not isinstance(accelerator, str):
+        return False  # an Accelerator object: the user chose, leave precision to them
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
 class AzGPTCLI(LightningCLI):
     """Links the data's vocabulary and block size into the model and counts validation in optimizer steps.
 
@@ -100,10 +109,10 @@ class AzGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        if not torch.cuda.is_available():
+        if _trains_on_cpu(trainer.accelerator):
             chosen = resolve_cpu_precision(trainer.precision)
             if chosen is not None:
-                rank_zero_info(f"azgpt: no CUDA device, so precision {trainer.precision} becomes "
+                rank_zero_info(f"azgpt: training on the CPU, so precision {trainer.precision} becomes "
                                f"{chosen.precision} ({chosen.reason})")
                 trainer.precision = chosen.precision
         every = config.get("val_every_n_steps")

@@ -142,3 +142,15 @@ def test_bad_cpu_precision_variable_is_a_clear_error(prepared_dir: Path, tmp_pat
     code, err = run(tiny_fit_args(prepared_dir, max_steps=1), capsys)
     assert code == 2 and "AZGPT_CPU_PRECISION" in err and "32-true" in err
     assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("accelerator, cuda, mps, on_cpu", [
+    ("auto", False, False, True), ("auto", True, False, False), ("auto", False, True, False),
+    ("cpu", True, False, True), ("gpu", True, False, False), ("mps", False, True, False)])
+def test_precision_is_chosen_only_for_cpu_training(monkeypatch: pytest.MonkeyPatch, accelerator: str, cuda: bool,
+                                                   mps: bool, on_cpu: bool) -> None:
+    from azgpt.training_cli import _trains_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert _trains_on_cpu(accelerator) is on_cpu
