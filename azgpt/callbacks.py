@@ -14,13 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import AzGPTError
 from azgpt.generate import Generator, Sampling
-from azgpt.precision import measure_matmul_flops, precision_dtype
+from azgpt.precision import measure_matmul_flops, precision_dtype, synchronize
 from azgpt.tokenizer import tokenizer_from_json
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TrainingSpeed(L.Callback):
@@ -83,7 +78,7 @@ class TrainingSpeed(L.Callback):
         every = trainer.log_every_n_steps
         if not every or trainer.global_step % every != 0:
             return  # a step the logger will not write: measure nothing, wait for nothing
-        _sync(trainer.strategy.root_device)
+        synchronize(trainer.strategy.root_device)
         now = time.perf_counter()
         elapsed = self._window_seconds + now - self._window_start
         self._train_seconds += elapsed

@@ -15,13 +15,12 @@ from tokenizers import Tokenizer
 
 from azgpt.checkpointing import load_checkpoint_file
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, LEGACY_ACTIVATION, GPTConfig
+from azgpt.model import GPT, GPTConfig, saved_activation
 from azgpt.tokenizer import tokenizer_from_json
 
 CHECKPOINT_KEY = "azgpt"  # where AzGPT.on_save_checkpoint puts the tokenizer and the run's summary
 MODEL_PREFIX = "model."  # AzGPT holds its GPT as ``self.model``
 CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
-OPTIONAL_CONFIG_KEYS = {"activation": LEGACY_ACTIVATION}  # key -> value for checkpoints written without it
 
 
 @dataclass
@@ -77,8 +76,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if missing:
         raise AzGPTError(f"{path} is not an azgpt checkpoint: its hyper_parameters lack {', '.join(missing)}")
     try:
-        config = GPTConfig(**{key: hparams[key] for key in CONFIG_KEYS},
-                           **{key: hparams.get(key, legacy) for key, legacy in OPTIONAL_CONFIG_KEYS.items()})
+        config = GPTConfig(**{key: hparams[key] for key in CONFIG_KEYS}, activation=saved_activation(hparams))
     except (TypeError, ValueError) as exc:
         raise AzGPTError(f"{path}: bad model hyper_parameters ({exc})") from None
     tokenizer = tokenizer_from_json(carried["tokenizer"], origin=str(path))

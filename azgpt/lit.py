@@ -16,7 +16,7 @@ from azgpt.checkpoint import CHECKPOINT_KEY
 from azgpt.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data import PAD_TARGET
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, LEGACY_ACTIVATION, GPTConfig
+from azgpt.model import GPT, GPTConfig, saved_activation
 from azgpt.numerics import UpdateGuard
 from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
@@ -272,11 +272,11 @@ class AzGPT(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
-        if "activation" not in saved:  # an older checkpoint: its model was trained with GPT-2's tanh GELU
-            saved = {**saved, "activation": LEGACY_ACTIVATION}
-            if self.hparams.activation != LEGACY_ACTIVATION:
-                self.hparams.activation = LEGACY_ACTIVATION
-                self.model.use_activation(LEGACY_ACTIVATION)
+        if "activation" not in saved:  # an older checkpoint: adopt the activation its model was trained with
+            saved = {**saved, "activation": saved_activation(saved)}
+            if self.hparams.activation != saved["activation"]:
+                self.hparams.activation = saved["activation"]
+                self.model.use_activation(saved["activation"])
                 self.config = self.model.config
         check_same_architecture(saved, self.hparams)
         carried = checkpoint.get(CHECKPOINT_KEY, {})

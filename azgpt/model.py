@@ -22,6 +22,11 @@ ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 LEGACY_ACTIVATION = "gelu_tanh"
 
 
+def saved_activation(hparams: dict) -> str:
+    """The activation a checkpoint's model was trained with, from its saved hyperparameters."""
+    return hparams.get("activation", LEGACY_ACTIVATION)
+
+
 @dataclass
 class GPTConfig:
     """Model hyperparameters."""

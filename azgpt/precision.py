@@ -24,7 +24,8 @@ CPU_CHOICES = ("32-true", "bf16-mixed")
 BF16_MIN_SPEEDUP = 1.5
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU), so wall-clock timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -38,11 +39,11 @@ def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype 
     inner = 3 if device.type == "cpu" else 20
     best = 0.0
     for _ in range(repeats + 1):  # the first round warms up
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         best = max(best, inner * 2 * size**3 / (time.perf_counter() - start))
     return best
 

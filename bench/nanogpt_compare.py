@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train_throughput import REPO, SHARED_CORPUS, load_tokens
+from train_throughput import REPO, SHARED_CORPUS, default_cache_dir, load_tokens
 
 DATASET = "azgpt_bench"
 ITERATION = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms")
@@ -69,8 +69,7 @@ def write_nanogpt_data(args: argparse.Namespace) -> None:
     """azgpt's prepared tokens as nanoGPT's uint16 ``.bin`` files plus ``meta.pkl`` (vocab size)."""
     tokens_args = argparse.Namespace(random_tokens=False, corpus=args.corpus, vocab_size=args.vocab_size,
                                      block_size=args.block_size, batch_size=args.batch_size,
-                                     cache_dir=REPO / "data" / "bench" / f"{args.corpus.name.split('.')[0]}"
-                                                                         f"-v{args.vocab_size}")
+                                     cache_dir=default_cache_dir(args.corpus, args.vocab_size))
     tokens = load_tokens(tokens_args)
     if args.vocab_size > 65536:
         raise SystemExit("nanoGPT's .bin files hold uint16 token ids: --vocab-size must be at most 65,536")

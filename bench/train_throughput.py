@@ -53,7 +53,7 @@ from azgpt.callbacks import TextSamples  # noqa: E402
 from azgpt.data import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
 from azgpt.lit import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
 from azgpt.model import GPT, GPTConfig  # noqa: E402
-from azgpt.precision import measure_matmul_flops, resolve_cpu_precision  # noqa: E402
+from azgpt.precision import measure_matmul_flops, precision_dtype, resolve_cpu_precision, synchronize  # noqa: E402
 from azgpt.training_cli import AzGPTCLI, resolve_config_arguments  # noqa: E402
 
 SEED = 1337
@@ -91,9 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
     args = p.parse_args(argv)
     if args.cache_dir is None:
-        stem = args.corpus.name.split(".")[0]
-        args.cache_dir = REPO / "data" / "bench" / f"{stem}-v{args.vocab_size}"
+        args.cache_dir = default_cache_dir(args.corpus, args.vocab_size)
     return args
+
+
+def default_cache_dir(corpus: Path, vocab_size: int) -> Path:
+    """Where the benchmarks keep a corpus prepared with ``vocab_size`` tokens: data/bench/<stem>-v<vocab>."""
+    return REPO / "data" / "bench" / f"{corpus.name.split('.')[0]}-v{vocab_size}"
 
 
 def reproduce_command(argv: list[str]) -> str:
@@ -110,19 +114,10 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def peak_dtype(precision: str) -> torch.dtype:
-    return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
-
-
 def autocast(precision: str):
     if precision == "32-true":
         return contextlib.nullcontext()
-    return torch.autocast(device().type, dtype=peak_dtype(precision))
+    return torch.autocast(device().type, dtype=precision_dtype(precision))
 
 
 def machine_load() -> str:
@@ -152,7 +147,7 @@ class Clock:
     marks: list[tuple[float, float, float, int]] = field(default_factory=list)
 
     def mark(self) -> None:
-        sync()
+        synchronize(device())
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.marks.append((time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt))
 
@@ -306,11 +301,11 @@ class EvalClock(L.Callback):
         self.seconds: list[float] = []
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        sync()
+        synchronize(device())
         self._start = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        sync()
+        synchronize(device())
         self.seconds.append(time.perf_counter() - self._start)
 
 
@@ -340,12 +335,12 @@ def validation_cost(args: argparse.Namespace, tokens: Tokens) -> tuple[float, fl
             model.train()
             inputs, targets = blocks.batch_at(0)
             inputs, targets = inputs.to(model.device), targets.to(model.device)
-            sync()
+            synchronize(device())
             start = time.perf_counter()
             for _ in range(forward_batches):
                 with autocast(args.precision):
                     model(inputs, targets)  # the forward pass training_step runs, autograd graph included
-            sync()
+            synchronize(device())
             return time.perf_counter() - start
 
         validate()  # warm-up (and moves the model to its device)
@@ -404,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     peaks = []
     for r in range(args.rounds):
-        peaks.append(measure_matmul_flops(device(), peak_dtype(args.precision), size=args.peak_size))
+        peaks.append(measure_matmul_flops(device(), precision_dtype(args.precision), size=args.peak_size))
         for name in names if r % 2 == 0 else names[::-1]:
             stats = runners[name](args, tokens).window(args.warmup, tokens_per_step)
             results[name].append(stats)
@@ -413,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{stats['faults_per_step']:,.0f} minor faults/step"
                   f"   [{machine_load()}]", flush=True)
     peak = max(peaks)
-    print(f"\nmatmul peak ({args.peak_size}² {str(peak_dtype(args.precision)).removeprefix('torch.')}, best of "
+    print(f"\nmatmul peak ({args.peak_size}² {str(precision_dtype(args.precision)).removeprefix('torch.')}, best of "
           f"{len(peaks)} measurements during the run): {peak / 1e9:,.0f} GFLOP/s "
           f"(per round: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
     for name in names:
