@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from azgpt.checkpointing import load_checkpoint_file
+from azgpt.train.checkpointing import load_checkpoint_file
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig, saved_activation
-from azgpt.tokenizer import tokenizer_from_json
+from azgpt.data.tokenizer import tokenizer_from_json
 
 CHECKPOINT_KEY = "azgpt"  # where AzGPT.on_save_checkpoint puts the tokenizer and the run's summary
 MODEL_PREFIX = "model."  # AzGPT holds its GPT as ``self.model``

@@ -49,7 +49,7 @@ def build_prepare_parser() -> argparse.ArgumentParser:
 
 
 def run_prepare(argv: list[str]) -> int:
-    from azgpt.prepare import PrepareConfig, prepare
+    from azgpt.data.prepare import PrepareConfig, prepare
 
     args = build_prepare_parser().parse_args(argv)
     summary = prepare(PrepareConfig(
@@ -93,7 +93,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
 def run_generate(argv: list[str]) -> int:
     import random
 
-    from azgpt.generate import Generator, Sampling, crop_note
+    from azgpt.use.generate import Generator, Sampling, crop_note
 
     args = build_generate_parser().parse_args(argv)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -164,7 +164,7 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 def run_export(argv: list[str]) -> int:
-    from azgpt.export import export_checkpoint
+    from azgpt.use.export import export_checkpoint
 
     args = build_export_parser().parse_args(argv)
     out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
@@ -176,7 +176,7 @@ def run_export(argv: list[str]) -> int:
 def run_training(argv: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from azgpt.training_cli import run_lightning_cli
+    from azgpt.train.lightning_cli import run_lightning_cli
 
     try:
         run_lightning_cli(argv)

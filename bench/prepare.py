@@ -39,7 +39,7 @@ SMALL = ("web.txt.gz",)
 
 
 def run_azgpt(files: list[str], out: Path, vocab_size: int, tokenizer: str | None = None) -> dict:
-    from azgpt.prepare import PrepareConfig, prepare
+    from azgpt.data.prepare import PrepareConfig, prepare
 
     summary = prepare(PrepareConfig(out=out, corpus=files, vocab_size=vocab_size, tokenizer=tokenizer and Path(tokenizer),
                                     overwrite=True))

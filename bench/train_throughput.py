@@ -49,12 +49,12 @@ import torch  # noqa: E402
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from azgpt.callbacks import TextSamples  # noqa: E402
-from azgpt.data import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
-from azgpt.lit import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
+from azgpt.train.callbacks import TextSamples  # noqa: E402
+from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
+from azgpt.train.module import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
 from azgpt.model import GPT, GPTConfig  # noqa: E402
-from azgpt.precision import measure_matmul_flops, precision_dtype, resolve_cpu_precision, synchronize  # noqa: E402
-from azgpt.training_cli import AzGPTCLI, resolve_config_arguments  # noqa: E402
+from azgpt.train.precision import measure_matmul_flops, precision_dtype, resolve_cpu_precision, synchronize  # noqa: E402
+from azgpt.train.lightning_cli import AzGPTCLI, resolve_config_arguments  # noqa: E402
 
 SEED = 1337
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from azgpt.prepare import PrepareConfig, prepare
+from azgpt.data.prepare import PrepareConfig, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_VOCAB = 512

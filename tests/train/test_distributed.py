@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from azgpt.cli import main as azgpt_main
-from azgpt.data import block_offsets
+from azgpt.data.datamodule import block_offsets
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 240  # a hung collective fails the test instead of hanging CI
 SEED = 1337
 BLOCK_SIZE = 32

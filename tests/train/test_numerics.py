@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
-from azgpt.numerics import NonFiniteError, UpdateGuard
+from azgpt.train.numerics import NonFiniteError, UpdateGuard
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

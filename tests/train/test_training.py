@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from azgpt.data import AzGPTDataModule, FixedValBlocks, block_offsets
-from azgpt.lit import AzGPT, warmup_cosine
-from azgpt.tokenizer import load_tokenizer, token_byte_lengths
+from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks, block_offsets
+from azgpt.train.module import AzGPT, warmup_cosine
+from azgpt.data.tokenizer import load_tokenizer, token_byte_lengths
 from tests.conftest import TINY_BLOCK, TINY_VOCAB
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from azgpt.corpus import iter_documents
+from azgpt.data.corpus import iter_documents
 from azgpt.errors import AzGPTError
-from azgpt.tokenizer import (
+from azgpt.data.tokenizer import (
     EOT,
     MIN_VOCAB_SIZE,
     check_vocab_size,

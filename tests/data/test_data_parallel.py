@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from azgpt.data import PAD_TARGET, AzGPTDataModule, FixedValBlocks
-from azgpt.lit import AzGPT
-from azgpt.prepare import PrepareConfig, prepare
+from azgpt.data.datamodule import PAD_TARGET, AzGPTDataModule, FixedValBlocks
+from azgpt.train.module import AzGPT
+from azgpt.data.prepare import PrepareConfig, prepare
 
 BLOCK = 8
 

@@ -14,15 +14,18 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from azgpt.callbacks import StepProgressBar
-from azgpt.checkpointing import AtomicCheckpointIO, checkpoint_folders, resolve_checkpoint
-from azgpt.data import AzGPTDataModule
+from azgpt.train.callbacks import StepProgressBar
+from azgpt.train.checkpointing import AtomicCheckpointIO, checkpoint_folders, resolve_checkpoint
+from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
-from azgpt.lit import AzGPT, check_same_architecture
-from azgpt.precision import resolve_cpu_precision
-from azgpt.signals import GracefulStop
+from azgpt.train.module import AzGPT, check_same_architecture
+from azgpt.train.precision import resolve_cpu_precision
+from azgpt.train.signals import GracefulStop
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# Installed from a wheel, the configs are the package azgpt.configs; in a clone they sit beside azgpt/.
+CONFIG_DIR = next((d for d in (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs") if d.is_dir()),
+                  _PACKAGE_DIR / "configs")
 
 
 def resolve_config_path(name: str) -> str:

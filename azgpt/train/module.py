@@ -13,12 +13,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
 from azgpt.checkpoint import CHECKPOINT_KEY
-from azgpt.checkpointing import capture_rng_state, restore_rng_state
-from azgpt.data import PAD_TARGET
+from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
+from azgpt.data.datamodule import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig, saved_activation
-from azgpt.numerics import UpdateGuard
-from azgpt.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
+from azgpt.train.numerics import UpdateGuard
+from azgpt.data.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
 DATA_SUMMARY_KEYS = ("source", "normalization", "tokenizer_sha256")

@@ -11,12 +11,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tokenizers.pre_tokenizers import ByteLevel
 
-from azgpt.callbacks import TextSamples
+from azgpt.train.callbacks import TextSamples
 from azgpt.checkpoint import load_checkpoint
 from azgpt.cli import main
 from azgpt.errors import AzGPTError
-from azgpt.generate import Generator, generate_text
-from azgpt.tokenizer import EOT
+from azgpt.use.generate import Generator, generate_text
+from azgpt.data.tokenizer import EOT
 
 PROMPT = "Azərbaycan"
 

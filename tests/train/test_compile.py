@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from azgpt.data import RandomTrainBlocks
-from azgpt.lit import AzGPT
+from azgpt.data.datamodule import RandomTrainBlocks
+from azgpt.train.module import AzGPT
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.corpus import CorpusStats, iter_documents, resolve_corpus_files
+from azgpt.data.corpus import CorpusStats, iter_documents, resolve_corpus_files
 from azgpt.errors import AzGPTError
-from azgpt.tokenizer import (
+from azgpt.data.tokenizer import (
     PIECE_CHARS,
     check_vocab_size,
     eot_id,

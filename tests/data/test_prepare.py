@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from azgpt import prepare as prepare_module
+from azgpt.data import prepare as prepare_module
 from azgpt.cli import main
-from azgpt.corpus import iter_documents
-from azgpt.prepare import PrepareConfig, prepare
-from azgpt.tokenizer import EOT, load_tokenizer, tokenizer_sha256, train_tokenizer
+from azgpt.data.corpus import iter_documents
+from azgpt.data.prepare import PrepareConfig, prepare
+from azgpt.data.tokenizer import EOT, load_tokenizer, tokenizer_sha256, train_tokenizer
 
-SHARED_WEB = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "web.txt.gz"
+SHARED_WEB = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "web.txt.gz"
 OUTPUT_FILES = {"train.npy", "val.npy", "tokenizer.json", "meta.json"}
 
 # Azerbaijani letters ə ğ ı İ ö ü ş ç, and a Cyrillic ә (U+04D9) / Ә (U+04D8) that must come back as Latin.

@@ -54,7 +54,7 @@ class CorpusStats:
 
 def sample_corpus_path() -> Path:
     """The small Azerbaijani corpus that ships inside the package (the default when none is named)."""
-    return Path(str(resources.files("azgpt") / "data" / "sample"))
+    return Path(str(resources.files("azgpt") / "sample_corpus"))
 
 
 def iter_documents(

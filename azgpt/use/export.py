@@ -22,7 +22,7 @@ from azgpt import __version__
 from azgpt.checkpoint import Checkpoint, load_checkpoint
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
-from azgpt.tokenizer import EOT
+from azgpt.data.tokenizer import EOT
 
 # azgpt activation -> transformers' activation_function with the same formula
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from azgpt.errors import AzGPTError
-from azgpt.precision import (CPU_PRECISION_ENV, choose_cpu_precision, measure_matmul_flops, precision_dtype,
+from azgpt.train.precision import (CPU_PRECISION_ENV, choose_cpu_precision, measure_matmul_flops, precision_dtype,
                              resolve_cpu_precision)
 
 
@@ -40,7 +40,7 @@ def test_explicit_choices_are_kept(explicit: str, monkeypatch: pytest.MonkeyPatc
 def test_fp16_request_is_timed_once_and_the_answer_shared(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CPU_PRECISION_ENV)
     timed: list[torch.dtype] = []
-    monkeypatch.setattr("azgpt.precision.measure_matmul_flops",
+    monkeypatch.setattr("azgpt.train.precision.measure_matmul_flops",
                         lambda device, dtype, **kw: timed.append(dtype) or (9e11 if dtype is torch.bfloat16 else 2e11))
     first = resolve_cpu_precision("16-mixed")
     assert first is not None and first.precision == "bf16-mixed" and "900 GFLOP/s" in first.reason

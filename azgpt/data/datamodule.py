@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from azgpt.errors import AzGPTError
-from azgpt.prepare import OUTPUT_FILES, PrepareConfig, prepare, read_meta, token_dtype
-from azgpt.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
+from azgpt.data.prepare import OUTPUT_FILES, PrepareConfig, prepare, read_meta, token_dtype
+from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
 
 _WAIT_FOR_PREPARE_SECONDS = 3600
 PAD_TARGET = -1  # the target GPT's loss ignores: padding blocks add no loss and no tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from azgpt.lit import AzGPT, adamw_param_groups, build_adamw
+from azgpt.train.module import AzGPT, adamw_param_groups, build_adamw
 
 
 def tiny() -> AzGPT:

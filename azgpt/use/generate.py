@@ -1,6 +1,6 @@
 """Write text with a trained model: a prompt in, a continuation out, streamed piece by piece.
 
-    from azgpt.generate import Generator, generate_text
+    from azgpt.use.generate import Generator, generate_text
     text = generate_text("last.ckpt", "Azərbaycan", max_new_tokens=100, seed=1)
     gen = Generator.from_checkpoint("last.ckpt")
     for piece in gen.stream("Bakı", temperature=0.8, top_k=50):
@@ -22,7 +22,7 @@ from tokenizers.decoders import DecodeStream
 from azgpt.checkpoint import load_checkpoint
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
-from azgpt.tokenizer import EOT
+from azgpt.data.tokenizer import EOT
 
 
 @dataclass(frozen=True)

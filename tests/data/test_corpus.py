@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from azgpt.corpus import CorpusStats, iter_documents, normalize_text, resolve_corpus_files, sample_corpus_path
+from azgpt.data.corpus import CorpusStats, iter_documents, normalize_text, resolve_corpus_files, sample_corpus_path
 from azgpt.errors import AzGPTError
 
 TEXT = "Bakı Azərbaycanın paytaxtıdır.\nŞəhər Xəzər dənizinin sahilindədir.\n\nİkinci sənəd: ağac, göl, üzüm, çay.\n"

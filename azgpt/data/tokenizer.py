@@ -48,7 +48,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: in
                     normalized: bool = False) -> Tokenizer:
     """Train byte-level BPE on streamed documents; ``<|endoftext|>`` gets id 0.
 
-    ``normalized=True`` says the documents come from ``azgpt.corpus`` already normalised, so the
+    ``normalized=True`` says the documents come from ``azgpt.data.corpus`` already normalised, so the
     tokenizer's own normaliser (which would change nothing) is skipped while training.
     """
     check_vocab_size(vocab_size)

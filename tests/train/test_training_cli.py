@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from azgpt.cli import main
-from azgpt.training_cli import resolve_config_arguments
+from azgpt.train.lightning_cli import resolve_config_arguments
 from tests.conftest import tiny_fit_args
 
 
@@ -123,7 +123,7 @@ def test_cpu_run_picks_the_faster_precision_and_says_so(prepared_dir: Path, tmp_
                                                          bf16_flops: float, expected: str) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AZGPT_CPU_PRECISION")
-    monkeypatch.setattr("azgpt.precision.measure_matmul_flops",
+    monkeypatch.setattr("azgpt.train.precision.measure_matmul_flops",
                         lambda device, dtype, **kw: bf16_flops if dtype is torch.bfloat16 else 2e11)
     import logging
 
@@ -149,7 +149,7 @@ def test_bad_cpu_precision_variable_is_a_clear_error(prepared_dir: Path, tmp_pat
     ("cpu", True, False, True), ("gpu", True, False, False), ("mps", False, True, False)])
 def test_precision_is_chosen_only_for_cpu_training(monkeypatch: pytest.MonkeyPatch, accelerator: str, cuda: bool,
                                                    mps: bool, on_cpu: bool) -> None:
-    from azgpt.training_cli import _trains_on_cpu
+    from azgpt.train.lightning_cli import _trains_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)

@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader
 
-from azgpt.callbacks import TrainingSpeed
-from azgpt.data import FixedValBlocks, RandomTrainBlocks
+from azgpt.train.callbacks import TrainingSpeed
+from azgpt.data.datamodule import FixedValBlocks, RandomTrainBlocks
 from azgpt.errors import AzGPTError
-from azgpt.lit import AzGPT
+from azgpt.train.module import AzGPT
 
 
 class MemoryLogger(Logger):
@@ -88,7 +88,7 @@ def test_no_mfu_on_cpu_unless_asked(peak) -> None:
 
 def test_measures_the_peak_once_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr("azgpt.callbacks.measure_matmul_flops",
+    monkeypatch.setattr("azgpt.train.callbacks.measure_matmul_flops",
                         lambda device, dtype: calls.append((device.type, dtype)) or 5e11)
     speed = TrainingSpeed(peak_flops="measure")
     logger = tiny_fit(speed, max_steps=2, log_every=1)

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from azgpt.checkpoint import load_checkpoint
 from azgpt.cli import main
 from azgpt.errors import AzGPTError
-from azgpt.export import EXPORTED_FILES, write_hf_folder
+from azgpt.use.export import EXPORTED_FILES, write_hf_folder
 from azgpt.model import GPT, GPTConfig
 
 TEXTS = [

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from azgpt.checkpointing import AtomicCheckpointIO, NonFiniteWeightsError, load_checkpoint_file
+from azgpt.train.checkpointing import AtomicCheckpointIO, NonFiniteWeightsError, load_checkpoint_file
 from azgpt.cli import main
-from azgpt.prepare import PrepareConfig, prepare
+from azgpt.data.prepare import PrepareConfig, prepare
 from resume_helpers import MAX_STEPS, read_final, read_losses, subprocess_env, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -140,7 +140,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path) -> No
 
     import numpy as np
 
-    from azgpt.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
+    from azgpt.train.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
 
     torch.manual_seed(1)
     state = capture_rng_state()
@@ -157,7 +157,7 @@ def test_graceful_stop_takes_sigterm_and_sigint_only_and_gives_them_back() -> No
     """SIGUSR1 (SLURM's requeue signal) stays Lightning's; a second Ctrl-C stops at once."""
     from types import SimpleNamespace
 
-    from azgpt.signals import GracefulStop
+    from azgpt.train.signals import GracefulStop
 
     def usr1_handler(signum, frame):
         return None
@@ -385,7 +385,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(tmp_path, da
     assert fit(config, "--ckpt_path", "last") == 2
     assert "refusing to load" in capsys.readouterr().err
     with pytest.raises(Exception):
-        from azgpt.lit import AzGPT
+        from azgpt.train.module import AzGPT
 
         AzGPT.load_from_checkpoint(evil)
     assert not sentinel.exists(), "the payload ran"
@@ -393,7 +393,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(tmp_path, da
 
 
 def test_checkpoints_load_with_weights_only(reference) -> None:
-    from azgpt.lit import AzGPT
+    from azgpt.train.module import AzGPT
 
     path = checkpoints(reference)[-1]
     model = AzGPT.load_from_checkpoint(path, weights_only=True)
@@ -401,6 +401,6 @@ def test_checkpoints_load_with_weights_only(reference) -> None:
 
 
 def test_no_weights_only_false_in_the_package() -> None:
-    package = Path(__file__).resolve().parents[1] / "azgpt"
+    package = Path(__file__).resolve().parents[2] / "azgpt"
     offenders = [str(p) for p in package.rglob("*.py") if "weights_only=False" in p.read_text()]
     assert not offenders

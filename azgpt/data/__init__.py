@@ -1,0 +1,1 @@
+"""Stage 1, text to token blocks: corpus -> tokenizer -> prepare (token files) -> datamodule."""
