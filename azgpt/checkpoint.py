@@ -1,26 +1,67 @@
-"""Open an azgpt ``.ckpt`` safely: tensors and plain data only, never arbitrary pickled code.
+"""The azgpt checkpoint format, in one place: what a ``.ckpt`` holds, how to read one safely, and how
+older ones are brought up to date.
 
-Lightning checkpoints are pickles. ``torch.load(weights_only=True)`` unpickles only tensors, containers and
-primitives, so a file crafted to run code when loaded is refused instead of executed.
+A checkpoint is a Lightning checkpoint (``state_dict``, ``hyper_parameters``, optimizer, loops, callbacks)
+plus an ``"azgpt"`` entry written by ``AzGPT.on_save_checkpoint`` (see ``azgpt_entry``): the tokenizer's
+JSON, a summary of the data, the last validation metrics, the random-number state and the micro-batch
+position. Lightning checkpoints are pickles; ``torch.load(weights_only=True)`` unpickles only tensors,
+containers and primitives, so a file crafted to run code when loaded is refused instead of executed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from azgpt.train.checkpointing import load_checkpoint_file
-from azgpt.errors import AzGPTError
-from azgpt.model import GPT, GPTConfig, saved_activation
 from azgpt.data.tokenizer import tokenizer_from_json
+from azgpt.errors import AzGPTError
+from azgpt.model import GPT, GPTConfig
 
-CHECKPOINT_KEY = "azgpt"  # where AzGPT.on_save_checkpoint puts the tokenizer and the run's summary
+CHECKPOINT_KEY = "azgpt"  # the entry azgpt adds to Lightning's checkpoint dict
+FORMAT_VERSION = 1
 MODEL_PREFIX = "model."  # AzGPT holds its GPT as ``self.model``
-CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+CONFIG_KEYS = tuple(f.name for f in fields(GPTConfig))
+# What must match to load weights into a model; dropout is a training setting and may change on resume.
+ARCHITECTURE_KEYS = tuple(key for key in CONFIG_KEYS if key != "dropout")
+# Defaults of settings added after the first checkpoints were written: an older checkpoint without the
+# key was trained with this value (GPT-2's tanh GELU before `activation` existed).
+LEGACY_DEFAULTS = {"activation": "gelu_tanh"}
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+class UnsafeCheckpointError(AzGPTError):
+    """A checkpoint holds Python objects that loading with ``weights_only=True`` refuses to build."""
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with a clear ``AzGPTError`` for unsafe or unreadable files."""
+    path = Path(path)
+    if not path.exists():
+        raise AzGPTError(f"checkpoint {path} does not exist: pass a .ckpt from lightning_logs/version_N/checkpoints/")
+    if not path.is_file():
+        raise AzGPTError(f"checkpoint {path} is not a file: pass a .ckpt file, not a folder")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it carries pickled Python objects ({refused.group(1)}) that could run "
+                f"code when loaded; azgpt loads tensors and plain data only, so use a checkpoint written by azgpt "
+                f"fit") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AzGPTError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
+                         f"{reason[:200]})") from None
+    if not isinstance(checkpoint, dict):
+        raise AzGPTError(f"{path} is not an azgpt checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
 
 
 @dataclass
@@ -49,20 +90,12 @@ class Checkpoint:
         return self.raw.get(CHECKPOINT_KEY) or {}
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint loaded safely onto the CPU; every failure becomes an AzGPTError naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise AzGPTError(f"checkpoint {path} does not exist: pass a .ckpt from lightning_logs/version_N/checkpoints/")
-    if not path.is_file():
-        raise AzGPTError(f"checkpoint {path} is not a file: pass a .ckpt file, not a folder")
-    return load_checkpoint_file(path)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by ``azgpt fit`` and check it has what generation and export need."""
     path = Path(path)
-    raw = read_checkpoint(path)
+    raw = load_checkpoint_file(path)
     carried = raw.get(CHECKPOINT_KEY)
     hparams = raw.get("hyper_parameters")
     state = raw.get("state_dict")
@@ -72,13 +105,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not carried.get("tokenizer"):
         raise AzGPTError(f"{path} holds no tokenizer (the model was trained without azgpt's data module): "
                          f"it cannot turn text into tokens")
+    hparams = upgrade_hyperparameters(hparams)
     missing = [key for key in CONFIG_KEYS if key not in hparams]
     if missing:
         raise AzGPTError(f"{path} is not an azgpt checkpoint: its hyper_parameters lack {', '.join(missing)}")
-    try:
-        config = GPTConfig(**{key: hparams[key] for key in CONFIG_KEYS}, activation=saved_activation(hparams))
-    except (TypeError, ValueError) as exc:
-        raise AzGPTError(f"{path}: bad model hyper_parameters ({exc})") from None
+    config = config_from_hparams(hparams, origin=str(path))
     tokenizer = tokenizer_from_json(carried["tokenizer"], origin=str(path))
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise AzGPTError(f"{path}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
@@ -87,3 +118,39 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not weights:
         raise AzGPTError(f"{path} is not an azgpt checkpoint: no {MODEL_PREFIX}* weights in its state_dict")
     return Checkpoint(path=path, config=config, state_dict=weights, tokenizer=tokenizer, raw=raw)
+
+
+def azgpt_entry(tokenizer_json: str | None, data: dict[str, Any] | None, metrics: dict[str, float],
+                rng: dict[str, Any], micro_batch: int) -> dict[str, Any]:
+    """The ``checkpoint["azgpt"]`` entry: everything beyond Lightning's own state that using or resuming needs."""
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_json, "data": data, "metrics": metrics,
+            "rng": rng, "micro_batch": micro_batch}
+
+
+def upgrade_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with the values older checkpoints imply for settings added since (see LEGACY_DEFAULTS)."""
+    return {**LEGACY_DEFAULTS, **hparams}
+
+
+def config_from_hparams(hparams: dict[str, Any], origin: str = "the checkpoint") -> GPTConfig:
+    """The GPTConfig saved in a checkpoint's (upgraded) hyperparameters."""
+    try:
+        return GPTConfig(**{key: hparams[key] for key in CONFIG_KEYS if key in hparams})
+    except (TypeError, ValueError) as exc:
+        raise AzGPTError(f"{origin}: bad model hyper_parameters ({exc})") from None
+
+
+def recorded_val_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """The last validation's metrics saved by azgpt, else the val_loss score ModelCheckpoint kept."""
+    saved = (raw.get(CHECKPOINT_KEY) or {}).get("metrics")
+    if saved:
+        return {name: float(value) for name, value in saved.items()}
+    for key, state in (raw.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val_loss":
+            score = state.get("current_score")
+            if score is None:
+                score = state.get("best_model_score")
+            if score is not None:
+                loss = float(score)
+                return {"val_loss": loss, "val_ppl": math.exp(loss)}
+    return {}

@@ -18,13 +18,6 @@ from torch import Tensor
 
 # activation name -> nn.GELU's `approximate` argument
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
-# The activation of checkpoints whose hyperparameters have no "activation" (written before it was a setting).
-LEGACY_ACTIVATION = "gelu_tanh"
-
-
-def saved_activation(hparams: dict) -> str:
-    """The activation a checkpoint's model was trained with, from its saved hyperparameters."""
-    return hparams.get("activation", LEGACY_ACTIVATION)
 
 
 @dataclass

@@ -26,22 +26,18 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file
 from azgpt.errors import AzGPTError
 
 CHECKPOINT_SUFFIX = ".ckpt"
 LAST_NAME = re.compile(r"^last(-v?\d+)?\.ckpt$")  # Lightning's last.ckpt, last-v1.ckpt, ...
 TEMPORARY_SUFFIX = ".tmp"
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 class NonFiniteWeightsError(AzGPTError):
     """A checkpoint about to be written holds NaN or infinite weights."""
 
     exit_code = 3
-
-
-class UnsafeCheckpointError(AzGPTError):
-    """A checkpoint holds Python objects that loading with ``weights_only=True`` refuses to build."""
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -124,30 +120,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # -- reading and choosing -----------------------------------------------------------------------------
-
-
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``, with a clear ``AzGPTError`` for unsafe or unreadable files."""
-    path = Path(path)
-    if not path.exists():
-        raise AzGPTError(f"checkpoint {path} does not exist: pass a .ckpt from lightning_logs/version_N/checkpoints/")
-    if not path.is_file():
-        raise AzGPTError(f"checkpoint {path} is not a file: pass a .ckpt file, not a folder")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        refused = _REFUSED_GLOBAL.search(str(exc))
-        if refused:
-            raise UnsafeCheckpointError(
-                f"refusing to load {path}: it carries pickled Python objects ({refused.group(1)}) that could run "
-                f"code when loaded; azgpt loads tensors and plain data only, so use a checkpoint written by azgpt "
-                f"fit") from None
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AzGPTError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
-                         f"{reason[:200]})") from None
-    if not isinstance(checkpoint, dict):
-        raise AzGPTError(f"{path} is not an azgpt checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
-    return checkpoint
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> int:

@@ -124,9 +124,6 @@ class AzGPTCLI(LightningCLI):
                 raise AzGPTError(f"val_every_n_steps must be a positive integer, got {every}")
             trainer.val_check_interval = every * (trainer.accumulate_grad_batches or 1)
             trainer.check_val_every_n_epoch = None
-        if self.subcommand == "fit" and (trainer.max_steps is None or trainer.max_steps <= 0):
-            raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
-                             f"got {trainer.max_steps}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add azgpt's defaults unless the config has its own: atomic checkpoint writes, a graceful stop on

@@ -12,15 +12,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
-from azgpt.checkpoint import CHECKPOINT_KEY
+from azgpt.checkpoint import ARCHITECTURE_KEYS, CHECKPOINT_KEY, azgpt_entry, upgrade_hyperparameters
 from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data.datamodule import PAD_TARGET
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, GPTConfig, saved_activation
+from azgpt.model import GPT, GPTConfig
 from azgpt.train.numerics import UpdateGuard
 from azgpt.data.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
-ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
 DATA_SUMMARY_KEYS = ("source", "normalization", "tokenizer_sha256")
 
 
@@ -173,9 +172,6 @@ class AzGPT(L.LightningModule):
         return self.model(idx, targets)
 
     def on_train_start(self) -> None:
-        max_steps = self.trainer.max_steps
-        if max_steps is None or max_steps <= 0:
-            raise AzGPTError("trainer.max_steps must be a positive number of optimizer steps")
         self._loss_sum, self._micro_batches = None, 0  # a run always starts on a step boundary
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -216,9 +212,11 @@ class AzGPT(L.LightningModule):
         hp = self.hparams
         optimizer = build_adamw(adamw_param_groups(self, hp.weight_decay), lr=hp.learning_rate,
                                 betas=(hp.beta1, hp.beta2), eps=hp.eps)
+        # max_steps is checked here, the one place every fit (CLI or notebook) passes before training.
         decay_steps = hp.decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps <= 0:
-            raise AzGPTError("set trainer.max_steps (or model.decay_steps) so the learning-rate schedule has an end")
+        if self._trainer is not None and (self.trainer.max_steps is None or self.trainer.max_steps <= 0):
+            raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
+                             f"got {self.trainer.max_steps}")
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
@@ -266,18 +264,17 @@ class AzGPT(L.LightningModule):
         metrics = {}
         if self._trainer is not None:  # the last validation's metrics, for the model card of an export
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val_")}
-        checkpoint[CHECKPOINT_KEY] = {"format_version": 1, "tokenizer": self.tokenizer_json,
-                                      "data": self.data_summary, "metrics": metrics,
-                                      "rng": capture_rng_state(), "micro_batch": self._micro_batches}
+        checkpoint[CHECKPOINT_KEY] = azgpt_entry(self.tokenizer_json, self.data_summary, metrics,
+                                                 capture_rng_state(), self._micro_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        if "activation" not in saved:  # an older checkpoint: adopt the activation its model was trained with
-            saved = {**saved, "activation": saved_activation(saved)}
-            if self.hparams.activation != saved["activation"]:
-                self.hparams.activation = saved["activation"]
-                self.model.use_activation(saved["activation"])
-                self.config = self.model.config
+        stored = checkpoint.get("hyper_parameters", {})
+        saved = upgrade_hyperparameters(stored)
+        if "activation" not in stored and self.hparams.activation != saved["activation"]:
+            # An older checkpoint: adopt the activation its model was trained with (it has no weights).
+            self.hparams.activation = saved["activation"]
+            self.model.use_activation(saved["activation"])
+            self.config = self.model.config
         check_same_architecture(saved, self.hparams)
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json

@@ -11,7 +11,6 @@ so only the weight layout changes: GPT-2's ``Conv1D`` stores (in, out), the tran
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.checkpoint import Checkpoint, load_checkpoint
+from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.data.tokenizer import EOT
@@ -137,7 +136,7 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         "",
         "## Validation",
         "",
-        *_metric_lines(_val_metrics(checkpoint)),
+        *_metric_lines(recorded_val_metrics(checkpoint.raw)),
         "",
         "## Use",
         "",
@@ -173,22 +172,6 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
     if data.get("normalization"):
         lines.append(f"- normalisation: {data['normalization']}")
     return lines
-
-
-def _val_metrics(checkpoint: Checkpoint) -> dict[str, float]:
-    """The last validation's metrics saved by azgpt, else the score ModelCheckpoint kept for val_loss."""
-    saved = checkpoint.summary.get("metrics")
-    if saved:
-        return {name: float(value) for name, value in saved.items()}
-    for key, state in (checkpoint.raw.get("callbacks") or {}).items():
-        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == "val_loss":
-            score = state.get("current_score")
-            if score is None:
-                score = state.get("best_model_score")
-            if score is not None:
-                loss = float(score)
-                return {"val_loss": loss, "val_ppl": math.exp(loss)}
-    return {}
 
 
 def _metric_lines(metrics: dict[str, float]) -> list[str]:
