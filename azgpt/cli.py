@@ -1,176 +1,171 @@
-"""The ``azgpt`` command: ``prepare`` token files, ``fit`` / ``validate`` / ``test`` with LightningCLI, then
-``generate`` text and ``export`` to the Hugging Face format.
+"""The ``azgpt`` command: one surface for every verb, in LightningCLI's flag style.
 
-    python -m azgpt.cli prepare --corpus corpus.txt.gz --out data/mine
-    python -m azgpt.cli fit --config quickstart.yaml
-    python -m azgpt.cli generate --ckpt lightning_logs/version_0/checkpoints/last.ckpt --prompt "Azərbaycan"
-    python -m azgpt.cli export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --out azgpt-hf
+    azgpt prepare --corpus corpus.txt.gz --out data/mine
+    azgpt fit --config quickstart.yaml
+    azgpt generate --ckpt lightning_logs/version_0/checkpoints/last.ckpt --prompt "Azərbaycan"
+    azgpt export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --out azgpt-hf
 
-A user's mistake ends in one line on stderr and exit code 2, never a traceback.
+``fit`` / ``validate`` / ``test`` are LightningCLI's (azgpt/train/lightning_cli.py). Every other verb is a
+typed Python function with a Google-style docstring, listed in ``VERBS``; jsonargparse (which LightningCLI is
+built on) turns its parameters into ``--snake_case`` flags and adds ``--config`` and ``--print_config``. A
+function whose one parameter is a dataclass gets that dataclass's fields as flags. A user's mistake ends in one
+line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import dataclasses
+import importlib
+import inspect
+import json
+import re
 import signal
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, get_args, get_origin, get_type_hints
 
+from azgpt import __version__
 from azgpt.errors import AzGPTError, TrainingInterrupted
 from azgpt.runtime import tune_malloc
 
 EXIT_USER_ERROR = 2
 
 
-def build_prepare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="azgpt prepare",
-        description="Train (or reuse) a byte-level BPE tokenizer and write train.npy, val.npy, tokenizer.json "
-                    "and meta.json for training.",
-    )
-    parser.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
-                        help=".txt, .txt.gz, .jsonl(.gz), a folder of them, or hf:NAME[:SPLIT] "
-                             "(default: the sample corpus shipped with azgpt)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the token files")
-    parser.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="BPE vocabulary size (default 8192)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
-                        help="share of documents held out for validation (default 0.05)")
-    parser.add_argument("--seed", type=int, default=1337, metavar="S", help="seed of the train/val split")
-    parser.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
-                        help="reuse this tokenizer.json instead of training one")
-    parser.add_argument("--block-size", type=int, default=256, metavar="N",
-                        help="context length you will train with: each split must hold one block + 1 token")
-    parser.add_argument("--text-field", default="text", metavar="NAME", help="field of .jsonl records to read")
-    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                        help="invalid UTF-8: stop with an error (strict) or replace and count (replace)")
-    parser.add_argument("--overwrite", action="store_true", help="replace token files made by another tokenizer")
-    return parser
+@dataclass(frozen=True)
+class Verb:
+    """A command of ``azgpt``: where its function lives and one line for ``azgpt --help``."""
+
+    target: str  # "module:function"; empty for LightningCLI's own verbs
+    summary: str
+
+    def load(self) -> Callable[..., int]:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
-def run_prepare(argv: list[str]) -> int:
-    from azgpt.data.prepare import PrepareConfig, prepare
-
-    args = build_prepare_parser().parse_args(argv)
-    summary = prepare(PrepareConfig(
-        out=args.out, corpus=args.corpus, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-        seed=args.seed, tokenizer=args.tokenizer, block_size=args.block_size, text_field=args.text_field,
-        errors=args.errors, overwrite=args.overwrite,
-    ))
-    print(summary.table())
-    return 0
-
-
-def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, type=Path, metavar="PATH", help="checkpoint written by azgpt fit")
+LIGHTNING = ""  # target of the verbs LightningCLI runs
+VERBS: dict[str, Verb] = {
+    "prepare": Verb("azgpt.data.prepare:prepare_command",
+                    "train a BPE tokenizer on a corpus and write train/val token files"),
+    "fit": Verb(LIGHTNING, "train a model (LightningCLI: --config quickstart.yaml, --ckpt_path last to resume)"),
+    "validate": Verb(LIGHTNING, "validation loss, perplexity and bits per byte of a checkpoint"),
+    "test": Verb(LIGHTNING, "the same metrics as validate, logged as a test run"),
+    "generate": Verb("azgpt.use.generate:generate_command", "continue a prompt with a trained model"),
+    "export": Verb("azgpt.use.export:export_command", "write a checkpoint as a Hugging Face GPT-2 folder"),
+}
 
 
-def build_generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="azgpt generate",
-        description="Continue a prompt with a trained model, printing the text as it is written. Stops at "
-                    "<|endoftext|> or after --max-new-tokens tokens.",
-    )
-    add_checkpoint_argument(parser)
-    parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (cropped from the left "
-                        "to the model's block size)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to add (default 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                        help="sampling temperature; 0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
-    parser.add_argument("--top-p", type=float, default=None, metavar="P",
-                        help="sample among the likeliest tokens holding probability P, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=None, metavar="S",
-                        help="seed for reproducible sampling (sample i uses S + i - 1)")
-    parser.add_argument("--num-samples", type=int, default=1, metavar="M", help="continuations to write (default 1)")
-    parser.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1... (default: cuda if "
-                        "available)")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="recompute every position at each step instead of using the KV cache (slow)")
-    return parser
+def usage() -> str:
+    width = max(len(name) for name in VERBS)
+    lines = [f"azgpt {__version__}: train a GPT on Azerbaijani text from scratch, then use it.", "",
+             "usage: azgpt VERB [--config FILE] [options]   (azgpt VERB --help for a verb's options)", "",
+             "verbs:"]
+    lines += [f"  {name:<{width}}  {verb.summary}" for name, verb in VERBS.items()]
+    lines += ["", "  --version  print the version and exit"]
+    return "\n".join(lines)
 
 
-def run_generate(argv: list[str]) -> int:
-    import random
+# -- verbs defined by a Python function ---------------------------------------------------------------
 
-    from azgpt.use.generate import Generator, Sampling, crop_note
-
-    args = build_generate_parser().parse_args(argv)
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if args.num_samples < 1:
-        raise AzGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
-    generator = Generator.from_checkpoint(args.ckpt, device=_device(args.device))
-    ids, dropped = generator.encode_prompt(args.prompt)
-    if dropped:
-        print(f"azgpt: note: {crop_note(dropped + len(ids), len(ids))}", file=sys.stderr)
-    prompt_text = generator.tokenizer.decode(ids, skip_special_tokens=False)
-    base_seed = args.seed if args.seed is not None else random.randrange(2**31)
-    out = _utf8_stdout()
-    try:
-        for i in range(args.num_samples):
-            if args.num_samples > 1:
-                separator = "\n" if i else ""
-                out.write(f"{separator}--- sample {i + 1} of {args.num_samples} (seed {base_seed + i}) ---\n")
-            out.write(prompt_text)
-            out.flush()
-            pieces = generator.stream(ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                      top_k=sampling.top_k, top_p=sampling.top_p, seed=base_seed + i,
-                                      use_cache=not args.no_cache)
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-            out.write("\n")
-            out.flush()
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, without a traceback at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+_KEBAB_FLAG = re.compile(r"^--([a-z0-9]+(?:-[a-z0-9]+)+)(=.*)?$")
 
 
-def _device(name: str | None):
-    import torch
+def snake_case_flags(argv: list[str], verb: str) -> list[str]:
+    """``--max-new-tokens`` -> ``--max_new_tokens``: the spelling before azgpt 0.2, kept for one release."""
+    converted = []
+    for arg in argv:
+        match = _KEBAB_FLAG.match(arg)
+        if match:
+            new = "--" + match.group(1).replace("-", "_")
+            print(f"azgpt {verb}: note: {arg.split('=', 1)[0]} is now spelled {new} (the old spelling goes away "
+                  f"in the next release)", file=sys.stderr)
+            arg = new + (match.group(2) or "")
+        converted.append(arg)
+    return converted
 
-    if name is None:
+
+def bare_bool_flags(argv: list[str], names: set[str]) -> list[str]:
+    """``--overwrite`` alone means ``--overwrite true`` (jsonargparse wants a value for booleans)."""
+    completed = []
+    for i, arg in enumerate(argv):
+        completed.append(arg)
+        if arg.startswith("--") and arg[2:] in names and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            completed.append("true")
+    return completed
+
+
+def list_flags(argv: list[str], names: set[str]) -> list[str]:
+    """``--corpus a.txt b/`` -> ``--corpus '["a.txt", "b/"]'``: a list option takes every value up to the next flag
+    (jsonargparse alone takes one JSON list or ``--corpus+ a.txt``, which also still work)."""
+    gathered: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and arg[2:] in names:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            if len(values) == 1 and values[0].lstrip().startswith("["):
+                gathered += [arg, values[0]]  # already a JSON / YAML list
+            else:
+                gathered += [arg, json.dumps(values)]
+        else:
+            gathered.append(arg)
+        i += 1
+    return gathered
+
+
+def _options_of_type(function: Callable[..., Any], wanted: Callable[[Any], bool]) -> set[str]:
+    hints = get_type_hints(_options_class(function) or function)
+    return {name for name, hint in hints.items() if name != "return" and wanted(hint)}
+
+
+def _is_list(hint: Any) -> bool:
+    return list in (get_origin(hint), *(get_origin(arg) for arg in get_args(hint)))
+
+
+def _options_class(function: Callable[..., Any]) -> type | None:
+    """The dataclass of a function taking exactly one dataclass parameter, else None."""
+    parameters = list(inspect.signature(function).parameters.values())
+    if len(parameters) != 1:
         return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AzGPTError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AzGPTError(f"--device {name}: no CUDA device is available here")
-    return device
+    annotation = get_type_hints(function).get(parameters[0].name)
+    return annotation if dataclasses.is_dataclass(annotation) else None
 
 
-def _utf8_stdout():
-    """stdout that can print Azerbaijani letters even where the locale's encoding cannot."""
-    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
-    if encoding != "utf8" and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(encoding="utf-8")
-    return sys.stdout
+def build_parser(name: str, function: Callable[..., Any]):
+    """A jsonargparse parser for ``function``'s parameters, with ``--config`` and ``--print_config``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-
-def build_export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="azgpt export",
-        description="Write a checkpoint as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors, "
-                    "tokenizer files, README.md model card). Needs safetensors, not transformers.",
-    )
-    add_checkpoint_argument(parser)
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write (new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
+    doc = inspect.getdoc(function) or ""
+    options = _options_class(function)
+    description = (inspect.getdoc(options) if options else doc).split("\n\n")[0]
+    parser = ArgumentParser(prog=f"azgpt {name}", description=description, exit_on_error=True)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file of these options")
+    if options is not None:
+        parser.add_class_arguments(options, fail_untyped=True, sub_configs=True)
+    else:
+        parser.add_function_arguments(function, fail_untyped=True)
     return parser
 
 
-def run_export(argv: list[str]) -> int:
-    from azgpt.use.export import export_checkpoint
+def run_verb(name: str, argv: list[str]) -> int:
+    """Parse ``argv`` for the function behind ``name`` and call it."""
+    function = VERBS[name].load()
+    parser = build_parser(name, function)
+    argv = snake_case_flags(argv, name)
+    argv = bare_bool_flags(argv, _options_of_type(function, lambda hint: hint is bool))
+    argv = list_flags(argv, _options_of_type(function, _is_list))
+    config = parser.parse_args(argv)
+    values = {key: value for key, value in vars(config).items() if key not in ("config", "__path__")}
+    options = _options_class(function)
+    if options is not None:
+        return function(options(**values))
+    return function(**values)
 
-    args = build_export_parser().parse_args(argv)
-    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
-    print(f"exported {args.ckpt} to {out}/ (load it with GPT2LMHeadModel.from_pretrained and "
-          f"PreTrainedTokenizerFast.from_pretrained)")
-    return 0
+
+# -- fit / validate / test ----------------------------------------------------------------------------
 
 
 def run_training(argv: list[str]) -> int:
@@ -186,19 +181,25 @@ def run_training(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": run_prepare, "generate": run_generate, "export": run_export}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``azgpt`` and ``python -m azgpt.cli``."""
     tune_malloc()  # process-wide malloc settings, see azgpt/runtime.py; AZGPT_NO_TUNING=1 opts out
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else ""
-    handler = COMMANDS.get(command)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else EXIT_USER_ERROR
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"azgpt {__version__}")
+        return 0
+    name = argv[0]
+    if name not in VERBS:
+        print(f"azgpt: error: unknown verb {name!r}; the verbs are {', '.join(VERBS)} (azgpt --help)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
-        if handler is not None:
-            return handler(argv[1:])
-        return run_training(argv)
+        if VERBS[name].target == LIGHTNING:
+            return run_training(argv)
+        return run_verb(name, argv[1:])
     except TrainingInterrupted as exc:
         print(f"azgpt: {exc}", file=sys.stderr)
         return exc.exit_code

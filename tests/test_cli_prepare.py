@@ -19,7 +19,7 @@ def azgpt(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_prepare_on_the_shipped_sample_corpus(tmp_path: Path) -> None:
-    result = azgpt("--out", "data", "--vocab-size", "512", "--block-size", "64", cwd=tmp_path)
+    result = azgpt("--out", "data", "--vocab_size", "512", "--block_size", "64", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "data"
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.npy", "val.npy"]

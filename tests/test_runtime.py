@@ -59,6 +59,6 @@ def test_applied_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_main_tunes_before_dispatching(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(azgpt.cli, "tune_malloc", lambda: calls.append("tuned"))
-    monkeypatch.setitem(azgpt.cli.COMMANDS, "prepare", lambda argv: calls.append("prepare") or 0)
+    monkeypatch.setattr(azgpt.cli, "run_verb", lambda name, argv: calls.append(name) or 0)
     assert azgpt.cli.main(["prepare"]) == 0
     assert calls == ["tuned", "prepare"]

@@ -188,7 +188,7 @@ def _iter_jsonl(path: Path, text_field: str, errors: str, stats: CorpusStats) ->
             raise AzGPTError(f"{path}:{number}: not valid JSON ({exc.msg}): each line must be one JSON object") from None
         if not isinstance(record, dict) or text_field not in record:
             raise AzGPTError(f"{path}:{number}: no {text_field!r} field in this record: "
-                             f"pass --text-field NAME to read another field")
+                             f"pass --text_field NAME to read another field")
         text = record[text_field]
         if not isinstance(text, str):
             raise AzGPTError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
@@ -213,6 +213,6 @@ def _iter_hf_dataset(spec: str, text_field: str) -> Iterator[str]:
         raise AzGPTError(f"could not open Hugging Face dataset {name!r} (split {split or 'train'!r}): {exc}") from None
     for row in dataset:
         if text_field not in row:
-            raise AzGPTError(f"dataset {name!r} has no {text_field!r} column; pass --text-field with one of "
+            raise AzGPTError(f"dataset {name!r} has no {text_field!r} column; pass --text_field with one of "
                              f"{sorted(row)}")
         yield row[text_field]

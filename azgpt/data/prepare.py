@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -50,17 +50,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class PrepareConfig:
-    """Options of ``azgpt prepare``."""
+    """Train (or reuse) a byte-level BPE tokenizer and write train.npy, val.npy, tokenizer.json and meta.json.
+
+    Args:
+        out: folder for the token files.
+        corpus: .txt, .txt.gz, .jsonl(.gz), a folder of them, or hf:NAME[:SPLIT] (default: the sample corpus
+            shipped with azgpt).
+        vocab_size: BPE vocabulary size.
+        val_fraction: share of documents held out for validation.
+        seed: seed of the train/val split.
+        tokenizer: reuse this tokenizer.json instead of training one.
+        block_size: context length you will train with: each split must hold one block + 1 token.
+        text_field: field of .jsonl records to read.
+        errors: invalid UTF-8: stop with an error (strict) or replace and count (replace).
+        overwrite: replace token files made by another tokenizer.
+    """
 
     out: Path
-    corpus: list[str] | None = None  # None: the sample corpus shipped with azgpt
+    corpus: list[str] | None = None
     vocab_size: int = 8192
     val_fraction: float = 0.05
     seed: int = 1337
-    tokenizer: Path | None = None  # reuse this tokenizer.json instead of training one
-    block_size: int = 256  # both splits must hold at least one block of block_size + 1 tokens
+    tokenizer: Path | None = None
+    block_size: int = 256
     text_field: str = "text"
-    errors: str = "strict"
+    errors: Literal["strict", "replace"] = "strict"
     overwrite: bool = False
 
 
@@ -104,7 +118,7 @@ class PrepareSummary:
                     f"for {mb:.2f} MB")
         if self.tokenizer_trained and self.vocab_size < self.requested_vocab_size:
             rows.append(f"note: the corpus ran out of BPE merges at {self.vocab_size:,} tokens, below the requested "
-                        f"{self.requested_vocab_size:,}; pass --vocab-size {self.vocab_size} to match")
+                        f"{self.requested_vocab_size:,}; pass --vocab_size {self.vocab_size} to match")
         rows.append(fertility_report(sum(c.words for c in self.splits.values()),
                                      sum(c.characters for c in self.splits.values()),
                                      sum(c.tokens - c.documents for c in self.splits.values())))
@@ -197,9 +211,9 @@ def _remove_empty_folders(folders: list[Path]) -> None:
 def _check_options(config: PrepareConfig) -> None:
     check_vocab_size(config.vocab_size)
     if not 0.0 < config.val_fraction < 1.0:
-        raise AzGPTError(f"--val-fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
+        raise AzGPTError(f"--val_fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
     if isinstance(config.block_size, bool) or not isinstance(config.block_size, int) or config.block_size < 1:
-        raise AzGPTError(f"--block-size must be a positive integer, got {config.block_size!r}")
+        raise AzGPTError(f"--block_size must be a positive integer, got {config.block_size!r}")
     if config.out.exists() and not config.out.is_dir():
         raise AzGPTError(f"--out {config.out} exists and is not a folder: choose another path")
 
@@ -383,7 +397,7 @@ def _check_split_sizes(counts: dict[str, SplitCounts], config: PrepareConfig) ->
                 f"corpus too small: the {name} split has {counts[name].tokens:,} tokens "
                 f"({counts[name].documents} documents) but needs at least {needed:,} (block_size + 1) "
                 f"out of {total:,} tokens in all; add text (blank lines separate documents), "
-                f"change --val-fraction, or lower --block-size"
+                f"change --val_fraction, or lower --block_size"
             )
 
 
@@ -408,3 +422,9 @@ def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokeni
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def prepare_command(options: PrepareConfig) -> int:
+    """``azgpt prepare``: write the token files and print what was written."""
+    print(prepare(options).table())
+    return 0

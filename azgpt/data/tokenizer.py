@@ -23,7 +23,7 @@ def check_vocab_size(vocab_size: object) -> int:
     """Return ``vocab_size`` as an int, or explain why it cannot be one."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise AzGPTError(
-            f"--vocab-size must be an integer of at least {MIN_VOCAB_SIZE} (256 bytes + 1 merge + "
+            f"--vocab_size must be an integer of at least {MIN_VOCAB_SIZE} (256 bytes + 1 merge + "
             f"{len(SPECIAL_TOKENS)} special token), got {vocab_size!r}"
         )
     return vocab_size

@@ -7,20 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
-from azgpt.train.callbacks import StepProgressBar
-from azgpt.train.checkpointing import AtomicCheckpointIO, checkpoint_folders, resolve_checkpoint
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
+from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
 from azgpt.train.module import AzGPT, check_same_architecture
-from azgpt.train.precision import resolve_cpu_precision
-from azgpt.train.signals import GracefulStop
+from azgpt.train.trainer import choose_precision, with_azgpt_defaults
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Installed from a wheel, the configs are the package azgpt.configs; in a clone they sit beside azgpt/.
@@ -53,21 +47,6 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
         else:
             resolved.append(arg)
     return resolved
-
-
-def _with_default(configured: object, kind: type, make: type) -> list:
-    """``configured`` (None, one object or a list) as a list, with ``make()`` added when no ``kind`` is in it."""
-    items = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    return items if any(isinstance(item, kind) for item in items) else [*items, make()]
-
-
-def _trains_on_cpu(accelerator: object) -> bool:
-    """Whether Lightning will run on the CPU: asked for, or ``auto`` with neither CUDA nor Apple's MPS."""
-    if isinstance(accelerator, str) and accelerator != "auto":
-        return accelerator == "cpu"
-    if accelerator is not None and not isinstance(accelerator, str):
-        return False  # an Accelerator object: the user chose, leave precision to them
-    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 class AzGPTCLI(LightningCLI):
@@ -112,12 +91,7 @@ class AzGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        if _trains_on_cpu(trainer.accelerator):
-            chosen = resolve_cpu_precision(trainer.precision)
-            if chosen is not None:
-                rank_zero_info(f"azgpt: training on the CPU, so precision {trainer.precision} becomes "
-                               f"{chosen.precision} ({chosen.reason})")
-                trainer.precision = chosen.precision
+        trainer.precision = choose_precision(trainer.accelerator, trainer.precision)
         every = config.get("val_every_n_steps")
         if every is not None:
             if every < 1:
@@ -126,15 +100,18 @@ class AzGPTCLI(LightningCLI):
             trainer.check_val_every_n_epoch = None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add azgpt's defaults unless the config has its own: atomic checkpoint writes, a graceful stop on
-        SIGTERM / SIGINT, and a progress bar that knows about accumulation (unless the bar is turned off)."""
+        """The Trainer ``build_trainer`` would make: azgpt's plugins and callbacks unless the config has its own."""
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
-        kwargs.setdefault("plugins", _with_default(trainer.get("plugins"), CheckpointIO, AtomicCheckpointIO))
-        callbacks = _with_default(trainer.get("callbacks"), GracefulStop, GracefulStop)
-        if trainer.get("enable_progress_bar") is not False:
-            callbacks = _with_default(callbacks, ProgressBar, StepProgressBar)
-        kwargs.setdefault("callbacks", callbacks)
+        defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks",
+                                                                          "enable_progress_bar")})
+        kwargs.setdefault("plugins", defaults["plugins"])
+        kwargs.setdefault("callbacks", defaults["callbacks"])
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; not predict, which has nothing to predict on (no predict data)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
 
 def run_lightning_cli(argv: list[str]) -> AzGPTCLI:

@@ -215,3 +215,18 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export_command(ckpt: Path, out: Path, overwrite: bool = False) -> int:
+    """Write a checkpoint as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors, tokenizer
+    files, README.md model card). Needs safetensors, not transformers.
+
+    Args:
+        ckpt: checkpoint written by azgpt fit.
+        out: folder to write (new or empty).
+        overwrite: write into a folder that already holds files.
+    """
+    written = export_checkpoint(ckpt, out, overwrite=overwrite)
+    print(f"exported {ckpt} to {written}/ (load it with GPT2LMHeadModel.from_pretrained and "
+          f"PreTrainedTokenizerFast.from_pretrained)")
+    return 0

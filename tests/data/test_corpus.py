@@ -47,7 +47,7 @@ def test_reads_jsonl_text_field_and_custom_field(tmp_path: Path) -> None:
 def test_jsonl_without_the_field_names_file_line_and_option(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "a"}\n{"content": "b"}\n', encoding="utf-8")
-    with pytest.raises(AzGPTError, match=r"a\.jsonl:2: .*'text'.*--text-field"):
+    with pytest.raises(AzGPTError, match=r"a\.jsonl:2: .*'text'.*--text_field"):
         list(iter_documents(path))
 
 

@@ -68,7 +68,7 @@ def assert_no_output(out: Path) -> None:
 
 
 def tiny_args(path: Path, out: Path, *extra: str) -> list[str | Path]:
-    return ["--corpus", path, "--out", out, "--vocab-size", "300", "--block-size", "8", "--val-fraction", "0.25",
+    return ["--corpus", path, "--out", out, "--vocab_size", "300", "--block_size", "8", "--val_fraction", "0.25",
             *extra]
 
 
@@ -134,8 +134,8 @@ def test_jsonl_folder_and_reused_tokenizer(tmp_path: Path, capsys) -> None:
                                             encoding="utf-8")
     corpus(folder, AZ_DOCS, name="b.txt")
     first, second = tmp_path / "first", tmp_path / "second"
-    assert run_prepare(capsys, *tiny_args(folder, first, "--text-field", "body"))[0] == 0
-    code, stdout, err = run_prepare(capsys, *tiny_args(folder, second, "--text-field", "body", "--tokenizer",
+    assert run_prepare(capsys, *tiny_args(folder, first, "--text_field", "body"))[0] == 0
+    code, stdout, err = run_prepare(capsys, *tiny_args(folder, second, "--text_field", "body", "--tokenizer",
                                                        first / "tokenizer.json"))
     assert code == 0, err
     assert "tokenizer reused" in stdout
@@ -149,7 +149,7 @@ def test_jsonl_folder_and_reused_tokenizer(tmp_path: Path, capsys) -> None:
 @pytest.mark.skipif(not SHARED_WEB.is_file(), reason=f"shared corpus {SHARED_WEB} is absent (only CI and dev machines have it)")
 def test_shared_web_corpus_round_trip(tmp_path: Path, capsys) -> None:
     out = tmp_path / "web"
-    code, _, err = run_prepare(capsys, "--corpus", SHARED_WEB, "--out", out, "--vocab-size", "2048")
+    code, _, err = run_prepare(capsys, "--corpus", SHARED_WEB, "--out", out, "--vocab_size", "2048")
     assert code == 0, err
     docs = decoded_documents(out)
     expected = list(iter_documents(SHARED_WEB))
@@ -252,8 +252,8 @@ def test_invalid_utf8_replaced_on_request_and_counted(tmp_path: Path, capsys) ->
 def test_corpus_too_small_for_both_splits_says_how_many_tokens(tmp_path: Path, capsys) -> None:
     path = corpus(tmp_path, AZ_DOCS[:2], repeat=2)
     out = tmp_path / "out"
-    line = assert_refused(capsys, ["--corpus", path, "--out", out, "--vocab-size", "300", "--val-fraction", "0.5"],
-                          "corpus too small", "needs at least 257", "--block-size")
+    line = assert_refused(capsys, ["--corpus", path, "--out", out, "--vocab_size", "300", "--val_fraction", "0.5"],
+                          "corpus too small", "needs at least 257", "--block_size")
     assert " tokens " in line
     assert not out.exists()
 
@@ -261,7 +261,7 @@ def test_corpus_too_small_for_both_splits_says_how_many_tokens(tmp_path: Path, c
 def test_vocab_size_below_258_is_refused(tmp_path: Path, capsys) -> None:
     path = corpus(tmp_path, AZ_DOCS)
     out = tmp_path / "out"
-    assert_refused(capsys, ["--corpus", path, "--out", out, "--vocab-size", "257"], "--vocab-size", "at least 258")
+    assert_refused(capsys, ["--corpus", path, "--out", out, "--vocab_size", "257"], "--vocab_size", "at least 258")
     assert not out.exists()
 
 
@@ -269,16 +269,16 @@ def test_vocab_size_below_258_is_refused(tmp_path: Path, capsys) -> None:
 def test_vocab_size_not_an_integer_is_refused_by_argparse(tmp_path: Path, capsys, value: str) -> None:
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["prepare", "--corpus", str(tmp_path), "--out", str(out), "--vocab-size", value])
+        main(["prepare", "--corpus", str(tmp_path), "--out", str(out), "--vocab_size", value])
     assert exit_info.value.code == 2
-    assert "argument --vocab-size: invalid int value" in capsys.readouterr().err
+    assert 'Parser key "vocab_size"' in capsys.readouterr().err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
 def test_val_fraction_out_of_range_is_refused(tmp_path: Path, capsys, value: str) -> None:
     path = corpus(tmp_path, AZ_DOCS)
-    assert_refused(capsys, ["--corpus", path, "--out", tmp_path / "out", "--val-fraction", value], "--val-fraction")
+    assert_refused(capsys, ["--corpus", path, "--out", tmp_path / "out", "--val_fraction", value], "--val_fraction")
     assert not (tmp_path / "out").exists()
 
 
@@ -303,7 +303,7 @@ def test_out_from_a_different_tokenizer_needs_overwrite(tmp_path: Path, capsys) 
 
     # The same tokenizer again is fine; a different one is refused and touches nothing.
     assert run_prepare(capsys, *tiny_args(path, out))[0] == 0
-    bigger = ["--corpus", path, "--out", out, "--vocab-size", "320", "--block-size", "8", "--val-fraction", "0.25"]
+    bigger = ["--corpus", path, "--out", out, "--vocab_size", "320", "--block_size", "8", "--val_fraction", "0.25"]
     assert_refused(capsys, bigger, f"--out {out}", "different tokenizer", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

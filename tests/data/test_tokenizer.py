@@ -98,7 +98,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [0, 257, MIN_VOCAB_SIZE - 1, "8192", 8192.0, True, None])
 def test_vocab_size_must_be_an_integer_of_at_least_258(bad: object) -> None:
-    with pytest.raises(AzGPTError, match=r"--vocab-size must be an integer of at least 258"):
+    with pytest.raises(AzGPTError, match=r"--vocab_size must be an integer of at least 258"):
         check_vocab_size(bad)
 
 

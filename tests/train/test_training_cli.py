@@ -149,7 +149,7 @@ def test_bad_cpu_precision_variable_is_a_clear_error(prepared_dir: Path, tmp_pat
     ("cpu", True, False, True), ("gpu", True, False, False), ("mps", False, True, False)])
 def test_precision_is_chosen_only_for_cpu_training(monkeypatch: pytest.MonkeyPatch, accelerator: str, cuda: bool,
                                                    mps: bool, on_cpu: bool) -> None:
-    from azgpt.train.lightning_cli import _trains_on_cpu
+    from azgpt.train.trainer import trains_on_cpu as _trains_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)

@@ -183,11 +183,11 @@ def test_bad_checkpoints_exit_2_naming_the_file(make, pattern: str, tiny_run, tm
         (["--prompt", PROMPT, "--top-p", "1.5"], r"top_p must be in \(0, 1\], got 1.5"),
         (["--prompt", PROMPT, "--top-p", "-0.2"], r"top_p must be in \(0, 1\]"),
         (["--prompt", PROMPT, "--temperature", "-0.5"], r"temperature must be .*>= 0"),
-        (["--prompt", PROMPT, "--temperature", "nan"], r"temperature must be a finite number"),
+        (["--prompt", PROMPT, "--temperature", "nan"], r"Parser key \"temperature\""),
         (["--prompt", PROMPT, "--max-new-tokens", "0"], r"max_new_tokens must be an integer >= 1, got 0"),
         (["--prompt", PROMPT, "--max-new-tokens", "-3"], r"max_new_tokens must be an integer >= 1"),
         (["--prompt", PROMPT, "--top-k", "0"], r"top_k must be an integer >= 1"),
-        (["--prompt", PROMPT, "--num-samples", "0"], r"--num-samples must be >= 1"),
+        (["--prompt", PROMPT, "--num-samples", "0"], r"--num_samples must be >= 1"),
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(extra: list[str], pattern: str, tiny_run, capsys) -> None:
