@@ -157,7 +157,10 @@ def run_verb(name: str, argv: list[str]) -> int:
     argv = snake_case_flags(argv, name)
     argv = bare_bool_flags(argv, _options_of_type(function, lambda hint: hint is bool))
     argv = list_flags(argv, _options_of_type(function, _is_list))
-    config = parser.parse_args(argv)
+    try:
+        config = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --print_config, or a parse error jsonargparse has already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     values = {key: value for key, value in vars(config).items() if key not in ("config", "__path__")}
     options = _options_class(function)
     if options is not None:
