@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) through Lightning's DDP strategy, driven by azgpt's own command line.
 
-Every run is the shipped configs/ddp.yaml with a tiny model, on CPU, written over by a second config.
+Every run is the shipped configs/base.yaml + ddp.yaml with a tiny model, on CPU, written over by a second config.
 Two-process runs are subprocesses, started both ways a user would: ``python -m azgpt.cli`` with
 ``devices: 2`` (Lightning's launcher re-runs the command for rank 1) and ``torchrun --nproc_per_node 2``.
 One-process runs call ``azgpt.cli.main`` in this process (saves a second import of torch and Lightning).
@@ -35,6 +35,9 @@ BLOCK_SIZE = 32
 BATCH_SIZE = 4
 ACCUMULATE = 2
 VAL_BLOCKS = 7  # odd: two ranks get 4 and 3 blocks
+
+
+SHIPPED_CONFIGS = ["--config", "base.yaml", "--config", "ddp.yaml"]  # ddp.yaml holds only its changes to base
 
 
 def write_config(workdir: Path, name: str, *, devices: int, max_steps: int, val_every: int | None = None,
@@ -93,7 +96,7 @@ def fit(workdir: Path, name: str, *, devices: int, max_steps: int, ckpt: Path | 
     config = write_config(workdir, name, devices=devices, max_steps=max_steps, val_every=val_every,
                           val_blocks=val_blocks)
     resume = ["--ckpt_path", str(ckpt)] if ckpt else []
-    run_cli(workdir, ["fit", "--config", "ddp.yaml", "--config", str(config), *resume], devices=devices,
+    run_cli(workdir, ["fit", *SHIPPED_CONFIGS, "--config", str(config), *resume], devices=devices,
             torchrun=torchrun)
     return workdir / name
 
@@ -101,7 +104,7 @@ def fit(workdir: Path, name: str, *, devices: int, max_steps: int, ckpt: Path | 
 def validate(workdir: Path, name: str, *, devices: int, ckpt: Path, val_blocks: int = VAL_BLOCKS,
              torchrun: bool = False) -> Path:
     config = write_config(workdir, name, devices=devices, max_steps=1, val_blocks=val_blocks)
-    run_cli(workdir, ["validate", "--config", "ddp.yaml", "--config", str(config), "--ckpt_path", str(ckpt)],
+    run_cli(workdir, ["validate", *SHIPPED_CONFIGS, "--config", str(config), "--ckpt_path", str(ckpt)],
             devices=devices, torchrun=torchrun)
     return workdir / name
 
