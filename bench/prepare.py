@@ -1,6 +1,6 @@
 """Benchmark ``azgpt prepare`` against the same work done with bare ``tokenizers`` calls.
 
-    PYTHONPATH=. /work/venv/bin/python bench/prepare.py [--corpus-dir ../shared/corpus] [--rounds 2]
+    python bench/prepare.py [--corpus-dir ../shared/corpus] [--rounds 2]
 
 Each run is a fresh subprocess (peak RSS from ``os.wait4``); azgpt and the bare baseline alternate,
 so a busy machine slows both alike. Reported per run: tokenizer training MB/s, encoding MB/s (MB of
@@ -162,7 +162,7 @@ def main() -> None:
     missing = [f for files in corpora.values() for f in files if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"missing corpus files {missing}: pass --corpus-dir pointing at shared/corpus")
-    print("reproduce: PYTHONPATH=. " + " ".join(map(shlex.quote, [sys.executable, "bench/prepare.py",
+    print("reproduce: " + " ".join(map(shlex.quote, ["python", "bench/prepare.py",
           "--corpus-dir", str(args.corpus_dir), "--rounds", str(args.rounds), "--vocab-size", str(args.vocab_size)])))
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; vocab {args.vocab_size}")
     print(f"{'corpus':<8} {'run':<12} {'MB':>6} {'train MB/s':>10} {'enc MB/s':>10} {'e2e s':>9} {'CPU s':>7} {'RSS MB':>8}")
