@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import AzGPTError
-from azgpt.use.generate import Generator, Sampling
+from azgpt.sampling import Generator, Sampling
 from azgpt.train.precision import measure_matmul_flops, precision_dtype, synchronize
 from azgpt.data.tokenizer import tokenizer_from_json
 

@@ -1,0 +1,55 @@
+"""The package's imports run one way, along the flow: data -> model -> train -> use (DESIGN.md's arrows)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "azgpt"
+# What each part may import from azgpt (besides itself). model.py knows nothing of Lightning, data or files;
+# data knows no model; train knows no use; checkpoint.py (the format) sits between model and its readers.
+ALLOWED = {
+    "errors": set(),
+    "runtime": set(),
+    "model": set(),
+    "data": {"errors"},
+    "checkpoint": {"errors", "model", "data"},
+    "sampling": {"errors", "model", "data", "checkpoint"},
+    "train": {"errors", "model", "data", "checkpoint", "sampling"},
+    "use": {"errors", "model", "data", "checkpoint", "sampling"},
+    "cli": {"errors", "runtime", "train"},  # the other verbs are imported by name from cli.VERBS when run
+}
+
+
+def part_of(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def azgpt_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("azgpt"):
+            found.add(part_of(node.module) or "")
+            if node.module == "azgpt":
+                found.discard("")  # `from azgpt import __version__`
+        elif isinstance(node, ast.Import):
+            found |= {part_of(alias.name) for alias in node.names if alias.name.startswith("azgpt.")}
+    return found
+
+
+def test_imports_follow_the_flow() -> None:
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        part = relative.parts[0].removesuffix(".py")
+        if part == "__init__":
+            continue
+        for imported in azgpt_imports(path) - {part, ""}:
+            if imported not in ALLOWED[part]:
+                wrong.append(f"{relative} imports azgpt.{imported}")
+    assert not wrong, wrong
+
+
+def test_the_model_does_not_import_lightning() -> None:
+    source = (PACKAGE / "model.py").read_text(encoding="utf-8")
+    assert "lightning" not in source
