@@ -6,6 +6,7 @@
   before anything is loaded; ``last`` falls back to the newest readable checkpoint, never to step 0.
 - ``capture_rng_state`` / ``restore_rng_state``: the random-number state a checkpoint carries, so dropout
   after a resume is the dropout of an uninterrupted run.
+- ``SaveLastAtEnd``: a fit that ends leaves ``last.ckpt`` at its final step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file
@@ -117,6 +120,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not weights_only or not isinstance(filesystem, LocalFileSystem):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         return load_checkpoint_file(local_path, map_location=map_location)
+
+
+class SaveLastAtEnd(L.Callback):
+    """When training ends, bring every ``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` up to the final step.
+
+    Lightning 2.6 writes ``last.ckpt`` only alongside another save (a validation, an epoch end), so a run whose
+    ``max_steps`` is not a multiple of the validation interval ends with ``last.ckpt`` behind: resuming it
+    would retrain the last steps. A run stopped by an exception never reaches ``on_train_end``.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if (isinstance(callback, ModelCheckpoint) and callback.save_last
+                    and callback._last_global_step_saved != trainer.global_step):
+                # The private helper names, versions and records last.ckpt exactly as ModelCheckpoint does.
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
 # -- reading and choosing -----------------------------------------------------------------------------
