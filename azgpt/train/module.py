@@ -129,6 +129,7 @@ class AzGPT(L.LightningModule):
         self._step_loss: torch.Tensor | None = None  # mean loss of the step being applied, for the guard
         self._guard = UpdateGuard()
         self._rng_to_restore: dict[str, Any] | None = None
+        self._data_dir: str | None = None  # where tokenizer_json came from, once setup() has seen the data
 
     # -- setup -----------------------------------------------------------------------------------------
 
@@ -144,12 +145,10 @@ class AzGPT(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_tokenizer = getattr(datamodule, "tokenizer_json", None)
         if data_tokenizer is not None:
-            if self.tokenizer_json is not None and self.tokenizer_json != data_tokenizer:
-                raise AzGPTError(
-                    f"the model was trained with another tokenizer (sha256 {self._sha(self.tokenizer_json)[:12]}...) "
-                    f"than the data in {datamodule.data_dir} (sha256 {self._sha(data_tokenizer)[:12]}...): "
-                    f"validate on data prepared with the checkpoint's tokenizer")
+            if self.tokenizer_json is not None:
+                self._check_same_tokenizer(self.tokenizer_json, "the model", data_tokenizer, datamodule.data_dir)
             self.tokenizer_json = data_tokenizer
+            self._data_dir = str(datamodule.data_dir)
             self.data_summary = data_summary(datamodule.meta)
             meta_vocab = datamodule.meta["vocab_size"]
             if meta_vocab > self.hparams.vocab_size:
@@ -163,8 +162,17 @@ class AzGPT(L.LightningModule):
                 metric.set_dtype(torch.float32)  # MPS has no float64
 
     @staticmethod
-    def _sha(tokenizer_json: str) -> str:
-        return tokenizer_sha256(tokenizer_from_json(tokenizer_json))
+    def _check_same_tokenizer(model_json: str, model_origin: str, data_json: str, data_dir: object) -> None:
+        """Refuse to train or evaluate a model on token ids of another tokenizer: they would mean other text."""
+        if model_json == data_json:
+            return
+        model_sha = tokenizer_sha256(tokenizer_from_json(model_json))
+        data_sha = tokenizer_sha256(tokenizer_from_json(data_json))
+        if model_sha != data_sha:
+            raise AzGPTError(
+                f"{model_origin} was trained with another tokenizer (sha256 {model_sha[:12]}...) than the data in "
+                f"{data_dir} (sha256 {data_sha[:12]}...): use data prepared with the checkpoint's tokenizer "
+                f"(azgpt prepare --tokenizer), or start a new run without --ckpt_path")
 
     # -- training --------------------------------------------------------------------------------------
 
@@ -277,8 +285,13 @@ class AzGPT(L.LightningModule):
             self.config = self.model.config
         check_same_architecture(saved, self.hparams)
         carried = checkpoint.get(CHECKPOINT_KEY, {})
-        self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
-        self.data_summary = carried.get("data") or self.data_summary
+        if self._data_dir is not None and carried.get("tokenizer") and self.tokenizer_json:
+            # setup() ran first and took the data's tokenizer: it must be the one the checkpoint was trained with.
+            origin = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
+            self._check_same_tokenizer(carried["tokenizer"], origin, self.tokenizer_json, self._data_dir)
+        else:
+            self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
+            self.data_summary = carried.get("data") or self.data_summary
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return

@@ -38,3 +38,37 @@ def test_last_ckpt_holds_the_final_step_and_resuming_retrains_nothing(prepared_d
     assert code == 0
     assert [int(line.split()[0]) for line in steps.read_text().splitlines()] == [8, 9]
     assert step_of(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt") == 9
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample corpus prepared with another (smaller) tokenizer than ``prepared_dir``'s."""
+    from azgpt.data.prepare import PrepareConfig, prepare
+    from conftest import TINY_BLOCK
+
+    out = tmp_path_factory.mktemp("other") / "data"
+    prepare(PrepareConfig(out=out, vocab_size=400, block_size=TINY_BLOCK, val_fraction=0.1))
+    return out
+
+
+@pytest.mark.parametrize("verb", ["validate", "fit"])
+def test_a_checkpoint_refuses_data_of_another_tokenizer_naming_both(verb: str, trained_run: Path,
+                                                                     other_tokenizer_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from azgpt.checkpoint import load_checkpoint
+    from azgpt.data.tokenizer import load_tokenizer, tokenizer_sha256
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    args = tiny_fit_args(other_tokenizer_dir, max_steps=9)
+    args[0] = verb
+    if verb == "validate":
+        args = [a for a in args if a not in ("--val_every_n_steps", "3")]
+    code, err = run(args + ["--ckpt_path", str(ckpt)], capsys)
+    ckpt_sha = tokenizer_sha256(load_checkpoint(ckpt).tokenizer)[:12]
+    data_sha = tokenizer_sha256(load_tokenizer(other_tokenizer_dir / "tokenizer.json"))[:12]
+    assert code == 2, err
+    assert "another tokenizer" in err and ckpt_sha in err and data_sha in err
+    assert str(ckpt) in err and str(other_tokenizer_dir) in err
+    assert not (tmp_path / "lightning_logs" / "version_0" / "checkpoints").exists()
