@@ -123,6 +123,9 @@ def _files_of(path: Path) -> list[Path]:
             raise AzGPTError(f"corpus file {path} is not .txt, .txt.gz, .jsonl or .jsonl.gz: rename it or "
                              f"convert it to one of those")
         return [path]
+    if not path.is_dir():
+        raise AzGPTError(f"corpus path {path} is neither a regular file nor a folder (a pipe, socket or device): "
+                         f"save the text to a .txt or .jsonl file and pass that")
     files = sorted(p for p in path.rglob("*") if p.is_file() and _has_suffix(p, TEXT_SUFFIXES + JSONL_SUFFIXES))
     if not files:
         raise AzGPTError(f"corpus folder {path} holds no .txt, .txt.gz, .jsonl or .jsonl.gz files")

@@ -94,6 +94,21 @@ class FixedValBlocks(Dataset):
         return inputs, targets
 
 
+_ID_CHECK_CHUNK = 1 << 24  # tokens per slice: bounded memory whatever the file size
+
+
+def _check_id_range(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Refuse token ids at or above ``vocab_size`` (an embedding lookup would fail mid-run, or read garbage)."""
+    for start in range(0, len(tokens), _ID_CHECK_CHUNK):
+        chunk = tokens[start : start + _ID_CHECK_CHUNK]
+        top = int(chunk.max()) if len(chunk) else 0
+        if top >= vocab_size:
+            where = start + int(np.argmax(chunk >= vocab_size))
+            raise AzGPTError(f"{path} holds token id {int(tokens[where])} at position {where:,}, outside the "
+                             f"vocabulary of {vocab_size} in meta.json: the file was not written by azgpt prepare "
+                             f"with this tokenizer; prepare the folder again")
+
+
 class AzGPTDataModule(L.LightningDataModule):
     """Token files in ``data_dir``, built from ``corpus`` by ``prepare_data`` when they are missing.
 
@@ -149,6 +164,9 @@ class AzGPTDataModule(L.LightningDataModule):
     # -- preparation -----------------------------------------------------------------------------------
 
     def is_prepared(self) -> bool:
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise AzGPTError(f"data.data_dir {self.data_dir} is a file, not a folder: point data.data_dir at the "
+                             f"folder azgpt prepare wrote (or at a new folder to prepare into)")
         return (self.data_dir / "meta.json").is_file()
 
     def prepare_data(self) -> None:
@@ -230,6 +248,7 @@ class AzGPTDataModule(L.LightningDataModule):
             if array.dtype != expected_dtype or array.ndim != 1 or len(array) != tokens:
                 raise AzGPTError(f"{path} ({array.dtype}, {array.shape}) does not match meta.json "
                                  f"({expected_dtype}, {tokens} tokens): prepare the folder again")
+            _check_id_range(path, array, meta["vocab_size"])
             if len(array) < self.block_size + 1:
                 raise AzGPTError(f"{path} has {len(array):,} tokens, fewer than one block of block_size + 1 = "
                                  f"{self.block_size + 1:,}: lower data.block_size or add text to the corpus")

@@ -2,15 +2,18 @@
 
 Documents stream through the tokenizer in batches and their ids stream to disk, so memory does not
 grow with the corpus. Every file is written under a temporary name and renamed only when all are
-complete: an interrupted run leaves nothing that looks finished.
+complete: an interrupted run leaves nothing that looks finished. One prepare at a time writes into a folder
+(a lock file created exclusively), and temporary files are created exclusively, never through a planted link.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import time
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from azgpt import __version__
+from azgpt.atomic import FolderLock, create_exclusive, write_error, write_text_exclusive
 from azgpt.data.corpus import CorpusStats, iter_documents, resolve_corpus_files
 from azgpt.errors import AzGPTError
 from azgpt.data.tokenizer import (
@@ -37,6 +41,7 @@ from azgpt.data.tokenizer import (
 META_VERSION = 1
 SPLITS = ("train", "val")
 OUTPUT_FILES = ("train.npy", "val.npy", "tokenizer.json", "meta.json")
+LOCK_NAME = ".prepare.lock"
 # Characters per encode_batch call: enough pieces to keep every core busy, few enough to bound memory.
 _ENCODE_BATCH_CHARS = 512 * 1024
 # A 1-D .npy header is 128 bytes for any length below 10**40: reserve it, stream the ids, then fill it in.
@@ -63,7 +68,7 @@ class PrepareConfig:
         block_size: context length you will train with: each split must hold one block + 1 token.
         text_field: field of .jsonl records to read.
         errors: invalid UTF-8: stop with an error (strict) or replace and count (replace).
-        overwrite: replace token files made by another tokenizer.
+        overwrite: replace token files made by another tokenizer or from another corpus.
     """
 
     out: Path
@@ -101,6 +106,8 @@ class PrepareSummary:
     total_seconds: float = 0.0
     replaced_chars: int = 0
     tokenizer_trained: bool = False
+    repeated_sources: list[str] = field(default_factory=list)
+    shared_documents: int = 0  # distinct val documents whose exact text is also in train
 
     def table(self) -> str:
         """A closing summary a person reads at the end of the run."""
@@ -124,6 +131,11 @@ class PrepareSummary:
                                      sum(c.tokens - c.documents for c in self.splits.values())))
         if self.replaced_chars:
             rows.append(f"replaced {self.replaced_chars:,} invalid UTF-8 sequences with U+FFFD")
+        for source in self.repeated_sources:
+            rows.append(f"warning: --corpus names {source} more than once: read it once")
+        if self.shared_documents:
+            rows.append(f"warning: {self.shared_documents:,} val documents also appear word for word in train: "
+                        f"val_loss will flatter the model; deduplicate the corpus")
         rows.append(f"wrote {self.out}/{{{','.join(OUTPUT_FILES)}}}")
         return "\n".join(rows)
 
@@ -134,17 +146,22 @@ def read_meta(data_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AzGPTError(f"{path} is not valid JSON ({exc}): delete {data_dir} and run prepare again") from None
+    if not isinstance(meta, dict):
+        raise AzGPTError(f"{path} holds a JSON {type(meta).__name__}, not the object azgpt prepare writes: "
+                         f"prepare the folder again (azgpt prepare --overwrite)")
+    return meta
 
 
 def prepare(config: PrepareConfig) -> PrepareSummary:
     """Train or load the tokenizer, encode the corpus and write the token files; see the module doc."""
     started = time.perf_counter()
     _check_options(config)
-    sources = resolve_corpus_files(config.corpus)  # fails early on a missing path
     summary = PrepareSummary(out=config.out)
+    config, summary.repeated_sources = _without_repeated_sources(config)
+    sources = resolve_corpus_files(config.corpus)  # fails early on a missing path
     stats = CorpusStats()
 
     tokenizer_started = time.perf_counter()
@@ -156,42 +173,73 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         summary.tokenizer_trained = True
     summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
     sha = tokenizer_sha256(tokenizer)
-    _check_existing_output(config, sha)
 
     vocab_size = _vocab_size(tokenizer)
     dtype = token_dtype(vocab_size)
     summary.vocab_size, summary.dtype = vocab_size, dtype.name
     summary.requested_vocab_size = config.vocab_size
     created = [p for p in (config.out, *config.out.parents) if not p.exists()]
-    config.out.mkdir(parents=True, exist_ok=True)
     partial = {name: config.out / f".{name}.partial" for name in OUTPUT_FILES}
     complete = False
     try:
-        encode_started = time.perf_counter()
-        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats)
-        summary.splits = _encode_to_files(documents, tokenizer, dtype, config, partial)
-        summary.encode_seconds = time.perf_counter() - encode_started
-        summary.replaced_chars = stats.replaced_chars
-        if stats.documents == 0:
-            raise _empty_corpus_error(config)
-        _check_split_sizes(summary.splits, config)
-        tokenizer.save(str(partial["tokenizer.json"]))
-        meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
-        partial["meta.json"].write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for path in partial.values():
-            _fsync(path)
-        # meta.json goes first and comes back last: its presence marks a complete, consistent folder.
-        (config.out / "meta.json").unlink(missing_ok=True)
-        for name in OUTPUT_FILES:
-            os.replace(partial[name], config.out / name)
-        complete = True
+        config.out.mkdir(parents=True, exist_ok=True)
+        with FolderLock(config.out, "azgpt prepare", LOCK_NAME):
+            # Checked under the lock, so no other prepare can change the folder between the check and the rename.
+            _check_existing_output(config, sha, sources)
+            try:
+                encode_started = time.perf_counter()
+                documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors,
+                                           stats=stats)
+                summary.splits, summary.shared_documents = _encode_to_files(documents, tokenizer, dtype, config,
+                                                                            partial)
+                summary.encode_seconds = time.perf_counter() - encode_started
+                summary.replaced_chars = stats.replaced_chars
+                if stats.documents == 0:
+                    raise _empty_corpus_error(config)
+                _check_split_sizes(summary.splits, config)
+                write_text_exclusive(partial["tokenizer.json"], tokenizer.to_str(pretty=True), replace_leftover=True)
+                meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
+                write_text_exclusive(partial["meta.json"], json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                     replace_leftover=True)
+                # meta.json goes first and comes back last: its presence marks a complete, consistent folder.
+                (config.out / "meta.json").unlink(missing_ok=True)
+                for name in OUTPUT_FILES:
+                    os.replace(partial[name], config.out / name)
+                complete = True
+            finally:
+                for path in partial.values():
+                    path.unlink(missing_ok=True)
+    except OSError as exc:
+        error = write_error(exc, config.out, "--out")
+        if error is None:
+            raise
+        raise error from None
     finally:
-        for path in partial.values():
-            path.unlink(missing_ok=True)
         if not complete:
             _remove_empty_folders(created)
     summary.total_seconds = time.perf_counter() - started
     return summary
+
+
+def _without_repeated_sources(config: PrepareConfig) -> tuple[PrepareConfig, list[str]]:
+    """``config`` with each corpus path named once (the same file twice would put its documents in both splits)."""
+    if config.corpus is None or isinstance(config.corpus, (str, Path)):
+        return config, []
+    kept: list[str] = []
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for source in config.corpus:
+        source = str(source)
+        key = source if source.startswith("hf:") else os.path.realpath(source)
+        if key in seen:
+            if source not in repeated:
+                repeated.append(source)
+            continue
+        seen.add(key)
+        kept.append(source)
+    if not repeated:
+        return config, []
+    return dataclasses.replace(config, corpus=kept), repeated
 
 
 def _vocab_size(tokenizer: Tokenizer) -> int:
@@ -251,7 +299,7 @@ class _CountingIterator:
         return item
 
 
-def _check_existing_output(config: PrepareConfig, sha: str) -> None:
+def _check_existing_output(config: PrepareConfig, sha: str, sources: Sequence[str]) -> None:
     if config.overwrite or not config.out.is_dir():
         return
     meta = read_meta(config.out)
@@ -265,6 +313,10 @@ def _check_existing_output(config: PrepareConfig, sha: str) -> None:
         raise AzGPTError(f"--out {config.out} holds token files made by a different tokenizer "
                          f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]}..., this one {sha[:12]}...): "
                          f"pass --overwrite to replace them, or choose another folder")
+    if meta.get("source") != list(sources):
+        before = ", ".join(str(s) for s in meta.get("source") or []) or "unknown"
+        raise AzGPTError(f"--out {config.out} holds token files of another corpus ({before}), not of "
+                         f"{', '.join(sources)}: pass --overwrite to replace them, or choose another folder")
 
 
 def _split_of_documents(seed: int, val_fraction: float) -> Iterator[bool]:
@@ -275,23 +327,31 @@ def _split_of_documents(seed: int, val_fraction: float) -> Iterator[bool]:
 
 
 def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, config: PrepareConfig,
-                     partial: dict[str, Path]) -> dict[str, SplitCounts]:
+                     partial: dict[str, Path]) -> tuple[dict[str, SplitCounts], int]:
+    """Write the ids of every document to its split's file; return the counts and how many distinct val
+    documents also occur in train (an 8-byte hash per document: memory grows by 8 bytes a document)."""
     from tqdm.auto import tqdm  # a dependency of lightning; imported here to keep import time low
 
     encoder = _BatchEncoder(tokenizer, dtype)
     counts = {name: SplitCounts() for name in SPLITS}
     is_val = _split_of_documents(config.seed, config.val_fraction)
-    handles = {name: open(partial[f"{name}.npy"], "wb") for name in SPLITS}
+    handles: dict[str, BinaryIO] = {}
+    hashes = {name: _Hashes() for name in SPLITS}
     batch = _Batch()
     try:
+        for name in SPLITS:
+            handles[name] = create_exclusive(partial[f"{name}.npy"], replace_leftover=True)
         for handle in handles.values():
             handle.write(b"\0" * _NPY_HEADER_BYTES)
         with tqdm(desc="encode", unit=" chars", unit_scale=True, disable=None) as progress:
             for document in documents:
                 doc_is_val = next(is_val)
-                c = counts["val" if doc_is_val else "train"]
+                split = "val" if doc_is_val else "train"
+                c = counts[split]
                 c.documents += 1
-                c.bytes += len(document.encode("utf-8"))
+                encoded = document.encode("utf-8")
+                c.bytes += len(encoded)
+                hashes[split].add(encoded)
                 c.characters += len(document)
                 pieces = encoder.pieces(document)
                 for index, piece in enumerate(pieces, start=1):
@@ -305,10 +365,35 @@ def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.d
             progress.update(batch.chars)
         for name, handle in handles.items():
             _write_npy_header(handle, dtype, counts[name].tokens)
+            handle.flush()
+            os.fsync(handle.fileno())
     finally:
         for handle in handles.values():
             handle.close()
-    return counts
+    shared = np.intersect1d(hashes["train"].array(), hashes["val"].array())
+    return counts, int(shared.size)
+
+
+class _Hashes:
+    """64-bit BLAKE2 digests of documents, kept in compact arrays (8 bytes each, not a Python int per document)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self._pending: list[bytes] = []
+
+    def add(self, encoded: bytes) -> None:
+        self._pending.append(hashlib.blake2b(encoded, digest_size=8).digest())
+        if len(self._pending) >= 65536:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._chunks.append(np.frombuffer(b"".join(self._pending), dtype=np.uint64))
+            self._pending = []
+
+    def array(self) -> np.ndarray:
+        self._flush()
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.uint64)
 
 
 class _Batch:
@@ -417,11 +502,6 @@ def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokeni
         "normalization": "NFC, control characters dropped, Cyrillic schwa folded to Latin",
         "splits": {name: vars(c) for name, c in counts.items()},
     }
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def prepare_command(options: PrepareConfig) -> int:

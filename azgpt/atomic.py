@@ -1,0 +1,181 @@
+"""Writing files and folders so that nothing half-written ever looks finished, and no planted link is followed.
+
+- ``create_exclusive``: open a new file for writing that did not exist before (never through a symlink).
+- ``FolderLock``: one writer per output folder, by exclusive creation of a lock file.
+- ``atomic_folder``: build a folder under a temporary sibling name and rename it into place when complete.
+- ``write_error``: an ``OSError`` while writing (disk full, read-only, no permission) as one clear line.
+
+The standard library has the pieces (``os.open`` flags, ``os.replace``) but no such helpers; ``tempfile`` names
+are random and live elsewhere, while these sit beside their target so the final rename never crosses filesystems.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from azgpt.errors import AzGPTError
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where symlinks need privileges anyway
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_BINARY", 0)
+FILE_MODE = 0o666  # before the umask, as open() does: every file of one output gets the same mode
+
+
+def create_exclusive(path: Path, replace_leftover: bool = False) -> BinaryIO:
+    """A new file at ``path`` open for binary writing; fails if anything, a symlink included, is already there.
+
+    ``replace_leftover`` first unlinks whatever sits at ``path`` (a leftover of a killed run, or a planted link:
+    unlinking a link never touches its target); only safe while the caller holds the folder's lock.
+    """
+    if replace_leftover:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    try:
+        fd = os.open(path, _EXCLUSIVE, FILE_MODE)
+    except FileExistsError:
+        raise AzGPTError(f"{path} appeared while azgpt was about to create it (another process, or a planted "
+                         f"link): refusing to write through it; check who else writes into {path.parent}") from None
+    return os.fdopen(fd, "wb")
+
+
+def write_text_exclusive(path: Path, text: str, replace_leftover: bool = False) -> None:
+    """``create_exclusive`` + write ``text`` as UTF-8 + fsync."""
+    with create_exclusive(path, replace_leftover) as handle:
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class FolderLock:
+    """Exclusive right to write into ``folder`` for the duration of a ``with`` block.
+
+    The lock is a file created with ``O_CREAT | O_EXCL`` holding ``host pid``; a second writer fails at once
+    with a message naming the holder. A lock left by a dead process on this host is taken over.
+    """
+
+    def __init__(self, folder: Path, what: str = "azgpt", name: str = ".azgpt.lock") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.what = what
+        self._held = False
+
+    def __enter__(self) -> FolderLock:
+        for _ in range(2):
+            try:
+                with create_exclusive(self.path) as handle:
+                    handle.write(f"{socket.gethostname()} {os.getpid()}\n".encode())
+                self._held = True
+                return self
+            except AzGPTError:
+                if not self._take_over_stale():
+                    raise AzGPTError(f"another {self.what} is writing into {self.folder} (lock file {self.path}: "
+                                     f"{self._holder() or 'unknown holder'}): wait for it to finish, or delete the "
+                                     f"lock file if no such process runs") from None
+        raise AzGPTError(f"could not lock {self.folder}: {self.path} keeps reappearing")
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _take_over_stale(self) -> bool:
+        if self.path.is_symlink():
+            self.path.unlink()  # never ours: a planted link
+            return True
+        host, _, pid = self._holder().partition(" ")
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            self.path.unlink(missing_ok=True)
+            return True
+        return False
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+
+@contextmanager
+def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; when the block ends without error it becomes ``target``.
+
+    On error (or a kill) ``target`` is untouched and the temporary folder is removed (a kill leaves only a hidden
+    ``.NAME.partial-HOST-PID`` folder). With ``overwrite`` an existing ``target`` is replaced as a whole, never
+    merged: between the two renames ``target`` is briefly absent, never half-written.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    temporary = target.with_name(f".{target.name}.partial-{tag}")
+    if temporary.is_symlink() or temporary.is_file():
+        temporary.unlink()
+    elif temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+        _fsync_folder(temporary)
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                raise AzGPTError(f"{target} appeared while it was being written: choose another folder or pass "
+                                 f"--overwrite")
+            old = target.with_name(f".{target.name}.old-{tag}")
+            os.replace(target, old)
+            os.replace(temporary, target)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.replace(temporary, target)
+        _fsync_folder(target.parent)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "it is on a read-only filesystem", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.EFBIG: "the file grew too large for the filesystem"}
+
+
+def write_error(exc: OSError, where: Path | str, option: str, remedy: str = "") -> AzGPTError | None:
+    """A clear ``AzGPTError`` for an OSError met while writing into ``where``, or None for other errors."""
+    reason = WRITE_ERRNOS.get(exc.errno)
+    if reason is None:
+        return None
+    remedy = remedy or ("free some space or choose another folder" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                        else "choose a folder you can write to")
+    return AzGPTError(f"cannot write {option} {where}: {reason} ({exc.filename or where}); {remedy}; "
+                      f"nothing was left half-written")
