@@ -2,7 +2,8 @@
 
 - ``create_exclusive``: open a new file for writing that did not exist before (never through a symlink).
 - ``FolderLock``: one writer per output folder, by exclusive creation of a lock file.
-- ``atomic_folder``: build a folder under a temporary sibling name and rename it into place when complete.
+- ``atomic_folder`` / ``atomic_file``: build a folder (file) under a temporary sibling name and rename it into
+  place when complete.
 - ``write_error``: an ``OSError`` while writing (disk full, read-only, no permission) as one clear line.
 
 The standard library has the pieces (``os.open`` flags, ``os.replace``) but no such helpers; ``tempfile`` names
@@ -118,38 +119,64 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; when the block ends without error it becomes ``target``.
 
     On error (or a kill) ``target`` is untouched and the temporary folder is removed (a kill leaves only a hidden
-    ``.NAME.partial-HOST-PID`` folder). With ``overwrite`` an existing ``target`` is replaced as a whole, never
-    merged: between the two renames ``target`` is briefly absent, never half-written.
+    ``.NAME.partial-HOST-PID`` folder). An existing ``target`` must be empty unless ``overwrite``; then when the new
+    folder holds a file of every name in the old one, the old folder is swapped out as a whole (between the two
+    renames ``target`` is briefly absent, never half-written); else the new files are renamed in one by one and
+    the old folder's other files are kept.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise AzGPTError(f"{target} is a file: give a folder to write into")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise AzGPTError(f"{target} is not empty: choose a new folder or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{socket.gethostname()}-{os.getpid()}"
     temporary = target.with_name(f".{target.name}.partial-{tag}")
-    if temporary.is_symlink() or temporary.is_file():
-        temporary.unlink()
-    elif temporary.exists():
-        shutil.rmtree(temporary)
+    _remove(temporary)
     temporary.mkdir()
     try:
         yield temporary
         _fsync_folder(temporary)
-        if target.exists() or target.is_symlink():
-            if not overwrite:
-                raise AzGPTError(f"{target} appeared while it was being written: choose another folder or pass "
-                                 f"--overwrite")
+        if not target.exists():
+            os.replace(temporary, target)
+        elif {p.name for p in target.iterdir()} <= {p.name for p in temporary.iterdir()}:
             old = target.with_name(f".{target.name}.old-{tag}")
+            _remove(old)
             os.replace(target, old)
             os.replace(temporary, target)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            _remove(old)
         else:
-            os.replace(temporary, target)
+            for path in sorted(temporary.iterdir()):
+                if (target / path.name).is_dir():
+                    _remove(target / path.name)
+                os.replace(path, target / path.name)
         _fsync_folder(target.parent)
     finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
+        _remove(temporary)
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write; it becomes ``target`` (replacing it) only on success."""
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    _remove(temporary)
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        _fsync_folder(target.parent)
+    finally:
+        _remove(temporary)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree at ``path`` if there is one (a link is removed, never followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_folder(folder: Path) -> None:

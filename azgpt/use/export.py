@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
+from azgpt.atomic import atomic_folder, create_exclusive, write_error
 from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
@@ -183,25 +184,36 @@ def _metric_lines(metrics: dict[str, float]) -> list[str]:
 
 
 def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str) -> None:
-    """Write the Hugging Face files for ``model`` and ``tokenizer`` into ``out`` (created if needed)."""
+    """Write the Hugging Face files for ``model`` and ``tokenizer`` into ``out`` (created if needed).
+
+    Every file is written by Python (``safetensors.torch.save`` to bytes, the tokenizer as a string), so each
+    gets the same mode and a full disk is an ``OSError`` like any other.
+    """
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise AzGPTError("export needs the safetensors package: pip install 'azgpt[export]' "
                          "(or pip install safetensors)") from None
     eot_id = tokenizer.token_to_id(EOT)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(gpt2_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", gpt2_config(model, eot_id))
-    tokenizer.save(str(out / "tokenizer.json"))
     tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size)
-    _write_json(out / "tokenizer_config.json", tokenizer_config)
-    _write_json(out / "special_tokens_map.json", special_tokens)
-    (out / "README.md").write_text(card, encoding="utf-8")
+    contents = {
+        "model.safetensors": save(gpt2_state_dict(model), metadata={"format": "pt"}),
+        "config.json": _json_bytes(gpt2_config(model, eot_id)),
+        "tokenizer.json": tokenizer.to_str(pretty=True).encode("utf-8"),
+        "tokenizer_config.json": _json_bytes(tokenizer_config),
+        "special_tokens_map.json": _json_bytes(special_tokens),
+        "README.md": card.encode("utf-8"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in contents.items():
+        with create_exclusive(out / name, replace_leftover=True) as handle:
+            handle.write(content)
 
 
 def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Export ``checkpoint_path`` into the folder ``out``; refuses to write over files unless ``overwrite``."""
+    """Export ``checkpoint_path`` into the folder ``out``, all at once: the files are written under a temporary
+    folder name beside it and renamed into place when complete, so a failure leaves ``out`` as it was. Refuses
+    a folder that holds files unless ``overwrite``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AzGPTError(f"--out {out} is a file: give a folder to export into")
@@ -209,12 +221,20 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
         raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model("cpu")
-    write_hf_folder(model, checkpoint.tokenizer, out, model_card(checkpoint, model, out.resolve().name))
+    card = model_card(checkpoint, model, out.resolve().name)
+    try:
+        with atomic_folder(out, overwrite=overwrite) as folder:
+            write_hf_folder(model, checkpoint.tokenizer, folder, card)
+    except OSError as exc:
+        error = write_error(exc, out, "--out")
+        if error is None:
+            raise
+        raise error from None
     return out
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _json_bytes(content: dict[str, Any]) -> bytes:
+    return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def export_command(ckpt: Path, out: Path, overwrite: bool = False) -> int:
