@@ -204,5 +204,5 @@ def write_error(exc: OSError, where: Path | str, option: str, remedy: str = "") 
         return None
     remedy = remedy or ("free some space or choose another folder" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                         else "choose a folder you can write to")
-    return AzGPTError(f"cannot write {option} {where}: {reason} ({exc.filename or where}); {remedy}; "
-                      f"nothing was left half-written")
+    named = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(where) else ""
+    return AzGPTError(f"cannot write {option} {where}: {reason}{named}; {remedy}; nothing was left half-written")

@@ -29,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from azgpt.atomic import create_exclusive, write_error
 from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file
 from azgpt.errors import AzGPTError
 
@@ -68,18 +69,44 @@ def _fsync_directory(folder: Path) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, flush and fsync it, then rename it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_path(path)
+    writer: _RecordingWriter | None = None
     try:
-        with open(temporary, "wb") as f:
-            torch.save(obj, f)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with create_exclusive(temporary, replace_leftover=True) as f:
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
-        raise
+        # torch.save reports a failed write as a RuntimeError without the OSError behind it; the writer kept it.
+        cause = exc if isinstance(exc, OSError) else writer.error if writer is not None else None
+        error = write_error(cause, path, "checkpoint", "free some space, then resume with --ckpt_path last") \
+            if cause is not None else None
+        if error is None:
+            raise
+        raise error from None
     _fsync_directory(path.parent)
+
+
+class _RecordingWriter:
+    """A binary file as ``torch.save`` sees it, remembering the ``OSError`` of a failed write."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:

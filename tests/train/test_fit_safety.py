@@ -72,3 +72,18 @@ def test_a_checkpoint_refuses_data_of_another_tokenizer_naming_both(verb: str, t
     assert "another tokenizer" in err and ckpt_sha in err and data_sha in err
     assert str(ckpt) in err and str(other_tokenizer_dir) in err
     assert not (tmp_path / "lightning_logs" / "version_0" / "checkpoints").exists()
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_clear_line(prepared_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from mount_helpers import tmpfs
+
+    with tmpfs(tmp_path / "small", size="96k") as small:
+        monkeypatch.chdir(small)  # quickstart logs and checkpoints to ./lightning_logs
+        code, err = run(tiny_fit_args(prepared_dir, max_steps=4), capsys)
+        assert code == 2, err
+        assert "azgpt: error: cannot write checkpoint" in err and "the disk is full" in err
+        assert "--ckpt_path last" in err and "Traceback" not in err
+        left = [p.name for p in small.rglob("*") if p.is_file()]
+        assert not [name for name in left if name.endswith((".ckpt", ".tmp"))], left
