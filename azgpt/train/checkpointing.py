@@ -232,11 +232,34 @@ def resolve_last_checkpoint(folders: Iterable[Path]) -> Path:
     raise AzGPTError(f"--ckpt_path last: no readable checkpoint in {where}: " + "; ".join(problems))
 
 
+def resolve_best_checkpoint(folders: Iterable[Path]) -> Path:
+    """The best checkpoint ``ModelCheckpoint`` recorded in the run's newest last checkpoint (read, never guessed)."""
+    folders = list(folders)
+    last = resolve_last_checkpoint(folders)
+    states = load_checkpoint_file(last, mmap=True).get("callbacks") or {}
+    recorded = [state.get("best_model_path") for key, state in states.items()
+                if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor")]
+    recorded = [Path(p) for p in recorded if p]
+    if not recorded:
+        raise AzGPTError(f"--ckpt_path best: {last} records no best checkpoint (its run had no ModelCheckpoint "
+                         f"monitoring a metric, or never validated): pass --ckpt_path last or a .ckpt path")
+    for candidate in recorded:
+        for path in (candidate, last.parent / candidate.name):  # as recorded, else beside last (a moved run)
+            if path.is_file():
+                inspect_checkpoint(path)
+                return path
+    raise AzGPTError(f"--ckpt_path best: {last} names {recorded[0]} as the best checkpoint, but it no longer "
+                     f"exists: pass --ckpt_path last or a .ckpt path")
+
+
 def resolve_checkpoint(ckpt_path: str, folders: Iterable[Path]) -> str:
-    """What ``--ckpt_path`` means: ``last`` resolved in ``folders``, a file checked; other keywords unchanged."""
+    """What ``--ckpt_path`` means: ``last`` / ``best`` resolved in ``folders``, a file checked; Lightning's other
+    keywords unchanged."""
     if ckpt_path == "last":
         return str(resolve_last_checkpoint(folders))
-    if ckpt_path in ("best", "hpc", "registry") or "://" in ckpt_path or ckpt_path.startswith("registry:"):
+    if ckpt_path == "best":
+        return str(resolve_best_checkpoint(folders))
+    if ckpt_path in ("hpc", "registry") or "://" in ckpt_path or ckpt_path.startswith("registry:"):
         return ckpt_path  # Lightning's own keywords and remote paths
     inspect_checkpoint(ckpt_path)
     return ckpt_path

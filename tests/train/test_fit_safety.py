@@ -87,3 +87,24 @@ def test_disk_full_while_saving_a_checkpoint_is_one_clear_line(prepared_dir: Pat
         assert "--ckpt_path last" in err and "Traceback" not in err
         left = [p.name for p in small.rglob("*") if p.is_file()]
         assert not [name for name in left if name.endswith((".ckpt", ".tmp"))], left
+
+
+def test_ckpt_path_best_is_the_best_checkpoint_the_run_recorded(trained_run: Path, prepared_dir: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from azgpt.train.checkpointing import resolve_checkpoint
+
+    shutil.copytree(trained_run, tmp_path / "lightning_logs" / "version_0")
+    monkeypatch.chdir(tmp_path)
+    folders = [Path("lightning_logs/version_0/checkpoints")]
+    best = Path(resolve_checkpoint("best", folders))
+    assert best.name.startswith("best-step=") and best.is_file()
+    args = [a for a in tiny_fit_args(prepared_dir) if a not in ("--val_every_n_steps", "3")]
+    code, err = run(["validate", *args[1:], "--ckpt_path", "best"], capsys)
+    assert code == 0, err
+
+    best.unlink()
+    with pytest.raises(Exception, match=r"--ckpt_path best: .* no longer exists"):
+        resolve_checkpoint("best", folders)
