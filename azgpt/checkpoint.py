@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ ARCHITECTURE_KEYS = tuple(key for key in CONFIG_KEYS if key != "dropout")
 # Defaults of settings added after the first checkpoints were written: an older checkpoint without the
 # key was trained with this value (GPT-2's tanh GELU before `activation` existed).
 LEGACY_DEFAULTS = {"activation": "gelu_tanh"}
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"  # how torch's safe unpickler begins its refusal
 
 
 class UnsafeCheckpointError(AzGPTError):
@@ -47,15 +49,17 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         raise AzGPTError(f"checkpoint {path} does not exist: pass a .ckpt from lightning_logs/version_N/checkpoints/")
     if not path.is_file():
         raise AzGPTError(f"checkpoint {path} is not a file: pass a .ckpt file, not a folder")
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format; a raw pickle is read plainly
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        refused = _REFUSED_GLOBAL.search(str(exc))
-        if refused:
+        if _WEIGHTS_ONLY_REFUSAL in str(exc):
+            # torch's own text goes on to suggest weights_only=False, the one thing not to do: none of it is shown.
+            refused = _REFUSED_GLOBAL.search(str(exc))
+            what = f" ({refused.group(1).rstrip('.,')})" if refused else ""
             raise UnsafeCheckpointError(
-                f"refusing to load {path}: it carries pickled Python objects ({refused.group(1)}) that could run "
-                f"code when loaded; azgpt loads tensors and plain data only, so use a checkpoint written by azgpt "
-                f"fit") from None
+                f"refusing to load {path}: the file holds code{what} that azgpt will not run; use a checkpoint "
+                f"written by azgpt fit") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AzGPTError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
                          f"{reason[:200]})") from None
@@ -117,7 +121,31 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     weights = {key[len(MODEL_PREFIX):]: value for key, value in state.items() if key.startswith(MODEL_PREFIX)}
     if not weights:
         raise AzGPTError(f"{path} is not an azgpt checkpoint: no {MODEL_PREFIX}* weights in its state_dict")
+    check_weights(path, config, weights)
     return Checkpoint(path=path, config=config, state_dict=weights, tokenizer=tokenizer, raw=raw)
+
+
+def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors in ``state_dict`` holding a NaN or an infinity."""
+    return [name for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def check_weights(path: Path, config: GPTConfig, weights: dict[str, Any]) -> None:
+    """Refuse weights that do not fit ``config`` (checked on the meta device, so a crafted config asking for
+    terabytes allocates nothing) or that hold NaN / infinity (a diverged run would only write garbage)."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    for name, shape in expected.items():
+        value = weights.get(name)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else "missing"
+            raise AzGPTError(f"{path}: its weights do not fit the architecture in its hyper_parameters ({name}: "
+                             f"{found} in the file, {shape} for the config): the file is damaged or crafted")
+    bad = non_finite_weights({name: weights[name] for name in expected})
+    if bad:
+        raise AzGPTError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}); the run "
+                         f"diverged before this checkpoint was saved: use an earlier checkpoint")
 
 
 def azgpt_entry(tokenizer_json: str | None, data: dict[str, Any] | None, metrics: dict[str, float],

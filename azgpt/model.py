@@ -366,7 +366,9 @@ class GPT(nn.Module):
         logits = logits[:, :V].float()
         if temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits / temperature
+        # Shifted so the top logit is 0, in float64: a tiny temperature (1e-45) drives the rest to -inf, never
+        # to inf - inf = NaN, and leaves the likeliest token certain.
+        logits = (logits.double() - logits.max(dim=-1, keepdim=True).values.double()) / temperature
         if top_k is not None and top_k < V:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

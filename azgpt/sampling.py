@@ -70,6 +70,11 @@ class Generator:
         """Token ids of ``prompt`` cropped from the left to the block size, and how many were dropped."""
         if not isinstance(prompt, str) or not prompt:
             raise AzGPTError("the prompt is empty: give some text to continue, e.g. --prompt \"Azərbaycan\"")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable bytes of argv arrive as lone surrogates
+            raise AzGPTError(f"the prompt is not valid UTF-8 text (bad byte at character {exc.start}): pass the "
+                             f"text in UTF-8") from None
         ids = self.tokenizer.encode(prompt).ids
         if not ids:
             raise AzGPTError(f"the prompt {prompt!r} has no tokens: give some text to continue")
@@ -94,6 +99,7 @@ class Generator:
         recomputes every position each step (slow; for checking the KV cache).
         """
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
+        check_seed(seed)
         ids = self._prompt_ids(prompt)
         generator = torch.Generator(device=self.device)
         if seed is None:
@@ -144,6 +150,17 @@ class Generator:
         tail = self.tokenizer.decode(new_ids, skip_special_tokens=False)[emitted:]
         if tail:
             yield tail
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def check_seed(seed: int | None, count: int = 1) -> None:
+    """Refuse a seed torch cannot take (``count`` seeds from ``seed`` on are used)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - (count - 1):
+        raise AzGPTError(f"seed must be an integer from 0 to {MAX_SEED - (count - 1)} (64 bits), got {seed!r}")
 
 
 def crop_note(total: int, kept: int) -> str:

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from azgpt.atomic import create_exclusive, write_error
-from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file
+from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file, non_finite_weights
 from azgpt.errors import AzGPTError
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -107,12 +107,6 @@ class _RecordingWriter:
 
     def flush(self) -> None:
         self.handle.flush()
-
-
-def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
-    """Names of floating-point tensors in ``state_dict`` holding a NaN or an infinity."""
-    return [name for name, value in state_dict.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

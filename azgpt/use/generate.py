@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from azgpt.errors import AzGPTError
-from azgpt.sampling import Generator, Sampling, crop_note
+from azgpt.sampling import Generator, Sampling, check_seed, crop_note
 
 
 def generate_text(checkpoint: str | Path, prompt: str, device: str | torch.device | None = None, **kwargs) -> str:
@@ -46,6 +46,7 @@ def generate_command(ckpt: Path, prompt: str, max_new_tokens: int = 200, tempera
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise AzGPTError(f"--num_samples must be >= 1, got {num_samples}")
+    check_seed(seed, num_samples)
     generator = Generator.from_checkpoint(ckpt, device=parse_device(device))
     ids, dropped = generator.encode_prompt(prompt)
     if dropped:
