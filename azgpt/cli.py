@@ -29,6 +29,7 @@ from azgpt.errors import AzGPTError, TrainingInterrupted
 from azgpt.runtime import tune_malloc
 
 EXIT_USER_ERROR = 2
+EXIT_CTRL_C = 128 + signal.SIGINT
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,13 @@ def run_training(argv: list[str]) -> int:
     except SIGTERMException:  # Lightning's own stop (outside the training loop), which would exit 0
         print("azgpt: stopped by SIGTERM outside the training loop; no checkpoint was written", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except SystemExit as exc:
+        # Lightning ends a run stopped by Ctrl-C (KeyboardInterrupt) with sys.exit(1); the shell's code is 130.
+        if exc.code == 1 and isinstance(exc.__context__, KeyboardInterrupt):
+            print("azgpt: stopped at once by Ctrl-C; the step under way was not saved (--ckpt_path last resumes "
+                  "from the last checkpoint written)", file=sys.stderr)
+            return EXIT_CTRL_C
+        raise
     return 0
 
 
@@ -209,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except AzGPTError as exc:
         print(f"azgpt: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("azgpt: stopped by Ctrl-C", file=sys.stderr)
+        return EXIT_CTRL_C
 
 
 if __name__ == "__main__":

@@ -108,3 +108,25 @@ def test_ckpt_path_best_is_the_best_checkpoint_the_run_recorded(trained_run: Pat
     best.unlink()
     with pytest.raises(Exception, match=r"--ckpt_path best: .* no longer exists"):
         resolve_checkpoint("best", folders)
+
+
+def test_ctrl_c_twice_exits_130(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        code, err = run(tiny_fit_args(prepared_dir) + ["--trainer.callbacks+=resume_helpers.CtrlCTwice"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert code == 130, err
+    assert "stopped at once by Ctrl-C" in err and "Traceback" not in err
+
+
+def test_predict_is_not_a_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "predict" not in capsys.readouterr().out
+    assert main(["predict", "--config", "quickstart.yaml"]) == 2
+    assert "unknown verb 'predict'" in capsys.readouterr().err
