@@ -53,14 +53,18 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        if _WEIGHTS_ONLY_REFUSAL in str(exc):
+        text = str(exc).strip()
+        refused = _REFUSED_GLOBAL.search(text)
+        if _WEIGHTS_ONLY_REFUSAL in text and refused:
             # torch's own text goes on to suggest weights_only=False, the one thing not to do: none of it is shown.
-            refused = _REFUSED_GLOBAL.search(str(exc))
-            what = f" ({refused.group(1).rstrip('.,')})" if refused else ""
             raise UnsafeCheckpointError(
-                f"refusing to load {path}: the file holds code{what} that azgpt will not run; use a checkpoint "
-                f"written by azgpt fit") from None
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                f"refusing to load {path}: the file holds code ({refused.group(1).rstrip('.,')}) that azgpt will "
+                f"not run; use a checkpoint written by azgpt fit") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if _WEIGHTS_ONLY_REFUSAL in text:  # keep only torch's specific reason, e.g. "Unsupported operand 110"
+            lines = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))]
+            lines = lines or ["a pickle the safe loader does not read"]
+        reason = lines[0] if lines else type(exc).__name__
         raise AzGPTError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
                          f"{reason[:200]})") from None
     if not isinstance(checkpoint, dict):

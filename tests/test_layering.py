@@ -10,13 +10,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "azgpt"
 # data knows no model; train knows no use; checkpoint.py (the format) sits between model and its readers.
 ALLOWED = {
     "errors": set(),
+    "atomic": {"errors"},  # safe writes of files and folders, used by every stage that writes
     "runtime": set(),
     "model": set(),
-    "data": {"errors"},
+    "data": {"errors", "atomic"},
     "checkpoint": {"errors", "model", "data"},
     "sampling": {"errors", "model", "data", "checkpoint"},
-    "train": {"errors", "model", "data", "checkpoint", "sampling"},
-    "use": {"errors", "model", "data", "checkpoint", "sampling"},
+    "train": {"errors", "atomic", "model", "data", "checkpoint", "sampling"},
+    "use": {"errors", "atomic", "model", "data", "checkpoint", "sampling"},
     "cli": {"errors", "runtime", "train"},  # the other verbs are imported by name from cli.VERBS when run
 }
 
