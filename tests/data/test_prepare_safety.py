@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from azgpt.atomic import FolderLock
 from azgpt.cli import main
 from azgpt.data.datamodule import AzGPTDataModule
-from azgpt.data.prepare import LOCK_NAME, PrepareConfig, prepare
+from azgpt.data.prepare import PrepareConfig, prepare
 from azgpt.errors import AzGPTError
 from mount_helpers import tmpfs
 
@@ -59,6 +58,9 @@ def test_another_corpus_into_a_prepared_folder_needs_overwrite(tmp_path: Path, c
 
 
 def test_a_second_prepare_into_a_locked_folder_is_refused_naming_the_holder(tmp_path: Path, capsys) -> None:
+    from azgpt.atomic import FolderLock
+    from azgpt.data.prepare import LOCK_NAME
+
     corpus, out = write_corpus(tmp_path / "c.txt"), tmp_path / "out"
     prepare(config(corpus, out))
     before = snapshot(out)
@@ -71,6 +73,8 @@ def test_a_second_prepare_into_a_locked_folder_is_refused_naming_the_holder(tmp_
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    from azgpt.data.prepare import LOCK_NAME
+
     corpus, out = write_corpus(tmp_path / "c.txt"), tmp_path / "out"
     out.mkdir()
     dead = os.fork()
