@@ -162,53 +162,15 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     summary = PrepareSummary(out=config.out)
     config, summary.repeated_sources = _without_repeated_sources(config)
     sources = resolve_corpus_files(config.corpus)  # fails early on a missing path
-    stats = CorpusStats()
-
-    tokenizer_started = time.perf_counter()
-    if config.tokenizer is not None:
-        tokenizer = load_tokenizer(config.tokenizer)
-    else:
-        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors)
-        tokenizer = _train_checked(documents, config)
-        summary.tokenizer_trained = True
-    summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
-    sha = tokenizer_sha256(tokenizer)
-
-    vocab_size = _vocab_size(tokenizer)
-    dtype = token_dtype(vocab_size)
-    summary.vocab_size, summary.dtype = vocab_size, dtype.name
-    summary.requested_vocab_size = config.vocab_size
     created = [p for p in (config.out, *config.out.parents) if not p.exists()]
-    partial = {name: config.out / f".{name}.partial" for name in OUTPUT_FILES}
     complete = False
     try:
         config.out.mkdir(parents=True, exist_ok=True)
+        # Held from before the tokenizer is trained: a second prepare stops at once instead of after its training,
+        # and no other prepare can change the folder between the checks and the renames.
         with FolderLock(config.out, "azgpt prepare", LOCK_NAME):
-            # Checked under the lock, so no other prepare can change the folder between the check and the rename.
-            _check_existing_output(config, sha, sources)
-            try:
-                encode_started = time.perf_counter()
-                documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors,
-                                           stats=stats)
-                summary.splits, summary.shared_documents = _encode_to_files(documents, tokenizer, dtype, config,
-                                                                            partial)
-                summary.encode_seconds = time.perf_counter() - encode_started
-                summary.replaced_chars = stats.replaced_chars
-                if stats.documents == 0:
-                    raise _empty_corpus_error(config)
-                _check_split_sizes(summary.splits, config)
-                write_text_exclusive(partial["tokenizer.json"], tokenizer.to_str(pretty=True), replace_leftover=True)
-                meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
-                write_text_exclusive(partial["meta.json"], json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
-                                     replace_leftover=True)
-                # meta.json goes first and comes back last: its presence marks a complete, consistent folder.
-                (config.out / "meta.json").unlink(missing_ok=True)
-                for name in OUTPUT_FILES:
-                    os.replace(partial[name], config.out / name)
-                complete = True
-            finally:
-                for path in partial.values():
-                    path.unlink(missing_ok=True)
+            _prepare_locked(config, sources, summary)
+        complete = True
     except OSError as exc:
         error = write_error(exc, config.out, "--out")
         if error is None:
@@ -219,6 +181,46 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
             _remove_empty_folders(created)
     summary.total_seconds = time.perf_counter() - started
     return summary
+
+
+def _prepare_locked(config: PrepareConfig, sources: list[str], summary: PrepareSummary) -> None:
+    stats = CorpusStats()
+    tokenizer_started = time.perf_counter()
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors)
+        tokenizer = _train_checked(documents, config)
+        summary.tokenizer_trained = True
+    summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
+    sha = tokenizer_sha256(tokenizer)
+    _check_existing_output(config, sha, sources)
+
+    vocab_size = _vocab_size(tokenizer)
+    dtype = token_dtype(vocab_size)
+    summary.vocab_size, summary.dtype = vocab_size, dtype.name
+    summary.requested_vocab_size = config.vocab_size
+    partial = {name: config.out / f".{name}.partial" for name in OUTPUT_FILES}
+    try:
+        encode_started = time.perf_counter()
+        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats)
+        summary.splits, summary.shared_documents = _encode_to_files(documents, tokenizer, dtype, config, partial)
+        summary.encode_seconds = time.perf_counter() - encode_started
+        summary.replaced_chars = stats.replaced_chars
+        if stats.documents == 0:
+            raise _empty_corpus_error(config)
+        _check_split_sizes(summary.splits, config)
+        write_text_exclusive(partial["tokenizer.json"], tokenizer.to_str(pretty=True), replace_leftover=True)
+        meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
+        write_text_exclusive(partial["meta.json"], json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                             replace_leftover=True)
+        # meta.json goes first and comes back last: its presence marks a complete, consistent folder.
+        (config.out / "meta.json").unlink(missing_ok=True)
+        for name in OUTPUT_FILES:
+            os.replace(partial[name], config.out / name)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
 
 
 def _without_repeated_sources(config: PrepareConfig) -> tuple[PrepareConfig, list[str]]:
@@ -313,10 +315,15 @@ def _check_existing_output(config: PrepareConfig, sha: str, sources: Sequence[st
         raise AzGPTError(f"--out {config.out} holds token files made by a different tokenizer "
                          f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]}..., this one {sha[:12]}...): "
                          f"pass --overwrite to replace them, or choose another folder")
-    if meta.get("source") != list(sources):
+    if _comparable(meta.get("source") or []) != _comparable(sources):
         before = ", ".join(str(s) for s in meta.get("source") or []) or "unknown"
         raise AzGPTError(f"--out {config.out} holds token files of another corpus ({before}), not of "
                          f"{', '.join(sources)}: pass --overwrite to replace them, or choose another folder")
+
+
+def _comparable(sources: Sequence[str]) -> list[str]:
+    """Sources as real paths (``./a.txt`` and ``a.txt`` are one file); ``hf:`` names as they are."""
+    return [str(s) if str(s).startswith("hf:") else os.path.realpath(str(s)) for s in sources]
 
 
 def _split_of_documents(seed: int, val_fraction: float) -> Iterator[bool]:
