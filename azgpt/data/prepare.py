@@ -1,15 +1,18 @@
 """Turn a corpus into ``train.npy``, ``val.npy``, ``tokenizer.json`` and ``meta.json``.
 
-Documents stream through the tokenizer in batches and their ids stream to disk, so memory does not
-grow with the corpus. Every file is written under a temporary name and renamed only when all are
+The corpus is read once: its first ``tokenizer_sample`` of text is held to train the tokenizer, then those
+documents and the rest of the stream are encoded in batches and their ids stream to disk, so memory does
+not grow with the corpus. Every file is written under a temporary name and renamed only when all are
 complete: an interrupted run leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +23,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.data.corpus import CorpusStats, iter_documents, resolve_corpus_files
+from azgpt.data.corpus import CorpusStats, iter_documents, limit_documents, resolve_corpus_files
+from azgpt.data.hub import is_hub_corpus, provenance
 from azgpt.errors import AzGPTError
 from azgpt.data.tokenizer import (
     PIECE_CHARS,
@@ -43,6 +47,25 @@ _ENCODE_BATCH_CHARS = 512 * 1024
 _NPY_HEADER_BYTES = 128
 
 
+# Chosen by measurement (bench/tokenizer_sample.py): see README, "Your own corpus".
+DEFAULT_TOKENIZER_SAMPLE = "100MB"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: str | int | None, option: str) -> int | None:
+    """``"2GB"`` -> 2_000_000_000 (``KiB``/``MiB``/``GiB`` are powers of 1024); None stays None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    match = _SIZE.match(str(value))
+    if match is None or float(match.group(1)) <= 0:
+        raise AzGPTError(f"{option} {value!r} is not a size: write a positive number of bytes with an optional "
+                         f"unit, e.g. 500MB, 2GB or 1.5GiB")
+    unit = match.group(2).lower()
+    scale = _SIZE_UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
+    return int(float(match.group(1)) * scale)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits in it, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -54,8 +77,8 @@ class PrepareConfig:
 
     Args:
         out: folder for the token files.
-        corpus: .txt, .txt.gz, .jsonl(.gz), a folder of them, or hf:NAME[:SPLIT] (default: the sample corpus
-            shipped with azgpt).
+        corpus: .txt, .txt.gz, .jsonl(.gz), a folder of them, a named corpus (azgpt corpora lists them) or a
+            Hugging Face dataset hf:NAME?config=C&split=S&text_field=F (default: the sample corpus shipped with azgpt).
         vocab_size: BPE vocabulary size.
         val_fraction: share of documents held out for validation.
         seed: seed of the train/val split.
@@ -64,6 +87,12 @@ class PrepareConfig:
         text_field: field of .jsonl records to read.
         errors: invalid UTF-8: stop with an error (strict) or replace and count (replace).
         overwrite: replace token files made by another tokenizer.
+        max_docs: read only the first N documents of the corpus.
+        max_bytes: read only the first SIZE of text (whole documents; e.g. 500MB, 2GB).
+        tokenizer_sample: train the tokenizer on at most this much of the corpus's first text (e.g. 50MB);
+            null trains on all of it (held in memory).
+        val_corpus: take validation from this corpus (e.g. fineweb2-az?split=test, a dataset's published
+            split) instead of holding out val_fraction of the documents; it is read whole.
     """
 
     out: Path
@@ -76,6 +105,10 @@ class PrepareConfig:
     text_field: str = "text"
     errors: Literal["strict", "replace"] = "strict"
     overwrite: bool = False
+    max_docs: int | None = None
+    max_bytes: str | None = None
+    tokenizer_sample: str | None = DEFAULT_TOKENIZER_SAMPLE
+    val_corpus: list[str] | None = None
 
 
 @dataclass
@@ -101,6 +134,7 @@ class PrepareSummary:
     total_seconds: float = 0.0
     replaced_chars: int = 0
     tokenizer_trained: bool = False
+    tokenizer_sample_bytes: int = 0
 
     def table(self) -> str:
         """A closing summary a person reads at the end of the run."""
@@ -110,7 +144,9 @@ class PrepareSummary:
                         f"{c.characters / max(c.tokens, 1):>12.2f}")
         mb = sum(c.bytes for c in self.splits.values()) / 1e6
         if self.tokenizer_trained:
-            trained = f"tokenizer trained in {self.tokenizer_seconds:.1f}s ({mb / max(self.tokenizer_seconds, 1e-9):.2f} MB/s)"
+            sample = self.tokenizer_sample_bytes / 1e6
+            trained = (f"tokenizer trained on the first {sample:.2f} MB in {self.tokenizer_seconds:.1f}s "
+                       f"({sample / max(self.tokenizer_seconds, 1e-9):.2f} MB/s)")
         else:
             trained = "tokenizer reused"
         rows.append(f"vocab {self.vocab_size:,} ({self.dtype}); {trained}; encoded in {self.encode_seconds:.1f}s "
@@ -144,16 +180,25 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     started = time.perf_counter()
     _check_options(config)
     sources = resolve_corpus_files(config.corpus)  # fails early on a missing path
+    val_sources = resolve_corpus_files(config.val_corpus) if config.val_corpus else []
+    max_bytes = parse_size(config.max_bytes, "--max_bytes")
+    sample_bytes = parse_size(config.tokenizer_sample, "--tokenizer_sample")
     summary = PrepareSummary(out=config.out)
     stats = CorpusStats()
+    documents = limit_documents(
+        iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats),
+        config.max_docs, max_bytes)
 
     tokenizer_started = time.perf_counter()
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     else:
-        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors)
-        tokenizer = _train_checked(documents, config)
+        sample = _take_sample(documents, sample_bytes)
+        tokenizer = _train_checked(sample, config)
+        documents = itertools.chain(sample, documents)  # the sample is encoded too: the corpus is read once
         summary.tokenizer_trained = True
+        summary.tokenizer_sample_bytes = sum(len(d.encode("utf-8")) for d in sample)
+        del sample
     summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
     sha = tokenizer_sha256(tokenizer)
     _check_existing_output(config, sha)
@@ -168,15 +213,21 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     complete = False
     try:
         encode_started = time.perf_counter()
-        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats)
-        summary.splits = _encode_to_files(documents, tokenizer, dtype, config, partial)
+        if config.val_corpus:
+            val_documents = iter_documents(config.val_corpus, text_field=config.text_field, errors=config.errors,
+                                           stats=stats)
+            labelled = itertools.chain(((d, False) for d in documents), ((d, True) for d in val_documents))
+        else:
+            labelled = zip(documents, _split_of_documents(config.seed, config.val_fraction))
+        expected = max_bytes or _expected_text_bytes(sources + val_sources)
+        summary.splits = _encode_to_files(labelled, tokenizer, dtype, partial, expected)
         summary.encode_seconds = time.perf_counter() - encode_started
         summary.replaced_chars = stats.replaced_chars
         if stats.documents == 0:
             raise _empty_corpus_error(config)
         _check_split_sizes(summary.splits, config)
         tokenizer.save(str(partial["tokenizer.json"]))
-        meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
+        meta = _meta(config, sources, val_sources, vocab_size, tokenizer, sha, dtype, summary)
         partial["meta.json"].write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for path in partial.values():
             _fsync(path)
@@ -192,6 +243,34 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
             _remove_empty_folders(created)
     summary.total_seconds = time.perf_counter() - started
     return summary
+
+
+def _take_sample(documents: Iterator[str], max_bytes: int | None) -> list[str]:
+    """The first documents of the stream up to ``max_bytes`` of UTF-8 (all of them for None), held in memory."""
+    sample: list[str] = []
+    size = 0
+    for document in documents:
+        sample.append(document)
+        size += len(document.encode("utf-8"))
+        if max_bytes is not None and size >= max_bytes:
+            break
+    return sample
+
+
+def _expected_text_bytes(sources: Sequence[str]) -> int | None:
+    """About how many bytes of text the local files hold (for the progress bar's ETA); None when unknown."""
+    total = 0
+    for source in sources:
+        if is_hub_corpus(source):
+            return None
+        path = Path(source)
+        if path.name.lower().endswith(".gz"):
+            with open(path, "rb") as handle:  # gzip's trailer holds the uncompressed size (mod 4 GiB)
+                handle.seek(-4, os.SEEK_END)
+                total += int.from_bytes(handle.read(4), "little")
+        else:
+            total += path.stat().st_size
+    return total
 
 
 def _vocab_size(tokenizer: Tokenizer) -> int:
@@ -214,6 +293,12 @@ def _check_options(config: PrepareConfig) -> None:
         raise AzGPTError(f"--val_fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
     if isinstance(config.block_size, bool) or not isinstance(config.block_size, int) or config.block_size < 1:
         raise AzGPTError(f"--block_size must be a positive integer, got {config.block_size!r}")
+    if config.max_docs is not None and (isinstance(config.max_docs, bool) or config.max_docs < 1):
+        raise AzGPTError(f"--max_docs must be a positive integer, got {config.max_docs!r}")
+    if config.val_corpus is not None and not config.val_corpus:
+        raise AzGPTError("--val_corpus names no corpus: give one, or leave it out to hold out --val_fraction")
+    parse_size(config.max_bytes, "--max_bytes")
+    parse_size(config.tokenizer_sample, "--tokenizer_sample")
     if config.out.exists() and not config.out.is_dir():
         raise AzGPTError(f"--out {config.out} exists and is not a folder: choose another path")
 
@@ -274,41 +359,47 @@ def _split_of_documents(seed: int, val_fraction: float) -> Iterator[bool]:
         yield from (rng.random(4096) < val_fraction).tolist()
 
 
-def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, config: PrepareConfig,
-                     partial: dict[str, Path]) -> dict[str, SplitCounts]:
+def _encode_to_files(labelled: Iterable[tuple[str, bool]], tokenizer: Tokenizer, dtype: np.dtype,
+                     partial: dict[str, Path], expected_bytes: int | None) -> dict[str, SplitCounts]:
+    """Encode (document, goes to val) pairs in batches into the two partial .npy files; the counts per split."""
     from tqdm.auto import tqdm  # a dependency of lightning; imported here to keep import time low
 
     encoder = _BatchEncoder(tokenizer, dtype)
     counts = {name: SplitCounts() for name in SPLITS}
-    is_val = _split_of_documents(config.seed, config.val_fraction)
     handles = {name: open(partial[f"{name}.npy"], "wb") for name in SPLITS}
     batch = _Batch()
     try:
         for handle in handles.values():
             handle.write(b"\0" * _NPY_HEADER_BYTES)
-        with tqdm(desc="encode", unit=" chars", unit_scale=True, disable=None) as progress:
-            for document in documents:
-                doc_is_val = next(is_val)
+        with tqdm(desc="encode", total=expected_bytes, unit="B", unit_scale=True, disable=None) as progress:
+            for document, doc_is_val in labelled:
                 c = counts["val" if doc_is_val else "train"]
                 c.documents += 1
-                c.bytes += len(document.encode("utf-8"))
+                size = len(document.encode("utf-8"))
+                c.bytes += size
+                batch.bytes += size
                 c.characters += len(document)
                 pieces = encoder.pieces(document)
                 for index, piece in enumerate(pieces, start=1):
                     c.words += len(piece.split())  # cuts never fall inside a word
                     batch.add(piece, doc_is_val, ends_document=index == len(pieces))
                     if batch.chars >= _ENCODE_BATCH_CHARS:
-                        encoder.write(batch, handles, counts)
-                        progress.update(batch.chars)
-                        batch = _Batch()
-            encoder.write(batch, handles, counts)
-            progress.update(batch.chars)
+                        batch = _flush(encoder, batch, handles, counts, progress)
+            _flush(encoder, batch, handles, counts, progress)
         for name, handle in handles.items():
             _write_npy_header(handle, dtype, counts[name].tokens)
     finally:
         for handle in handles.values():
             handle.close()
     return counts
+
+
+def _flush(encoder: _BatchEncoder, batch: _Batch, handles: dict[str, BinaryIO], counts: dict[str, SplitCounts],
+           progress) -> _Batch:
+    encoder.write(batch, handles, counts)
+    progress.update(batch.bytes)
+    progress.set_postfix(docs=f"{sum(c.documents for c in counts.values()):,}", refresh=False)
+    return _Batch()
 
 
 class _Batch:
@@ -319,6 +410,7 @@ class _Batch:
         self.is_val: list[bool] = []
         self.ends_document: list[bool] = []
         self.chars = 0
+        self.bytes = 0  # UTF-8 bytes of the documents begun in this batch, for the progress bar
 
     def add(self, piece: str, is_val: bool, ends_document: bool) -> None:
         self.pieces.append(piece)
@@ -401,9 +493,9 @@ def _check_split_sizes(counts: dict[str, SplitCounts], config: PrepareConfig) ->
             )
 
 
-def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokenizer: Tokenizer, sha: str,
-          dtype: np.dtype, counts: dict[str, SplitCounts]) -> dict:
-    return {
+def _meta(config: PrepareConfig, sources: Sequence[str], val_sources: Sequence[str], vocab_size: int,
+          tokenizer: Tokenizer, sha: str, dtype: np.dtype, summary: PrepareSummary) -> dict:
+    meta = {
         "format_version": META_VERSION,
         "azgpt_version": __version__,
         "vocab_size": vocab_size,
@@ -412,11 +504,21 @@ def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokeni
         "tokenizer_file": "tokenizer.json",
         "tokenizer_sha256": sha,
         "source": list(sources),
-        "val_fraction": config.val_fraction,
+        "val_fraction": None if val_sources else config.val_fraction,
         "seed": config.seed,
         "normalization": "NFC, control characters dropped, Cyrillic schwa folded to Latin",
-        "splits": {name: vars(c) for name, c in counts.items()},
+        "splits": {name: vars(c) for name, c in summary.splits.items()},
     }
+    if val_sources:
+        meta["val_source"] = list(val_sources)
+    corpora = [provenance(s) for s in [*sources, *val_sources] if is_hub_corpus(s)]
+    if corpora:
+        meta["corpora"] = corpora  # dataset, config, split, and for named corpora licence and url
+    if config.max_docs is not None or config.max_bytes is not None:
+        meta["slice"] = {"max_docs": config.max_docs, "max_bytes": parse_size(config.max_bytes, "--max_bytes")}
+    if summary.tokenizer_trained:
+        meta["tokenizer_sample_bytes"] = summary.tokenizer_sample_bytes
+    return meta
 
 
 def _fsync(path: Path) -> None:
