@@ -176,3 +176,23 @@ def test_corpora_verb_lists_size_licence_and_source(capsys) -> None:
     out = capsys.readouterr().out
     for name, corpus in hub.KNOWN_CORPORA.items():
         assert name in out and corpus.licence in out and corpus.url in out and corpus.size in out
+
+
+def test_base_config_without_network_stops_at_once_and_never_trains_on_the_sample(tmp_path: Path, capsys,
+                                                                                   monkeypatch) -> None:
+    from azgpt.cli import main
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(hub.socket, "create_connection", unreachable)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", "base.yaml", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "azgpt: error: corpus fineweb2-az: cannot reach the Hugging Face Hub" in err
+    assert "quickstart.yaml" in err and "prepare a local corpus" in err
+    assert not (tmp_path / "data").exists()
