@@ -196,3 +196,19 @@ def test_base_config_without_network_stops_at_once_and_never_trains_on_the_sampl
     assert "azgpt: error: corpus fineweb2-az: cannot reach the Hugging Face Hub" in err
     assert "quickstart.yaml" in err and "prepare a local corpus" in err
     assert not (tmp_path / "data").exists()
+
+
+def test_tokenizer_trains_on_a_capped_sample_and_the_dataset_is_read_once(hub_dir: Path, tmp_path: Path, capsys,
+                                                                          monkeypatch) -> None:
+    opened = []
+    real_open = hub.open_stream
+    monkeypatch.setattr(hub, "open_stream", lambda spec, source: opened.append(source) or real_open(spec, source))
+    out = tmp_path / "out"
+    code, stdout, err = run_prepare(capsys, *prepare_args(f"hf:{hub_dir}?config=azj_Latn", out,
+                                                          "--tokenizer_sample", "2KB"))
+    assert code == 0, err
+    assert opened == [f"hf:{hub_dir}?config=azj_Latn"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert 2_000 <= meta["tokenizer_sample_bytes"] < 2_000 + 200  # whole documents up to the size
+    assert sum(meta["splits"][s]["documents"] for s in ("train", "val")) == 700  # yet every record is encoded
+    assert f"tokenizer trained on the first {meta['tokenizer_sample_bytes']:,} bytes" in stdout
