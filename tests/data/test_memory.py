@@ -44,3 +44,20 @@ def test_prepare_of_a_35mb_single_line_file_peaks_under_1gb(tmp_path: Path) -> N
     print(f"peak RSS of prepare on a 35 MB single-line file: {peak / 2**20:.0f} MiB")
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
     assert "wrote" in output
+
+
+@pytest.mark.parametrize("line", ["əğıöüşç" * 50, "söz " * 80, "ab" * 150])
+def test_an_overlong_line_arrives_in_pieces_that_keep_every_character(tmp_path: Path, monkeypatch, line: str) -> None:
+    from azgpt.data import corpus
+
+    monkeypatch.setattr(corpus, "READ_BYTES", 64)
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 100)
+    path = tmp_path / "long.txt"
+    path.write_text(f"first\n{line}\n\nlast\n", encoding="utf-8")
+    pieces = list(corpus._decoded_lines(path, "strict", corpus.CorpusStats()))
+    assert max(len(text.encode()) for _, text, _ in pieces) <= 64 + 3
+    assert "".join(text for _, text, _ in pieces) == f"first\n{line}\n\nlast\n"
+    assert [n for n, _, complete in pieces if complete] == [1, 2, 3, 4]
+    documents = list(corpus.iter_documents(path))
+    assert max(map(len, documents)) <= 100 + 64
+    assert "".join("".join(documents).split()) == "".join(f"first{line}last".split())  # every character kept
