@@ -30,20 +30,21 @@ from azgpt.train.trainer import choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"2x128": (2, 2, 128), "4x256": (4, 4, 256), "6x384": (6, 6, 384)}
-VOCAB, BLOCK, MICRO, ACCUMULATE = 8192, 256, 16, 2
+VOCAB = 8192
 
 
-def steps_per_second(size: tuple[int, int, int], dm: AzGPTDataModule, dtype: torch.dtype, steps: int) -> float:
+def steps_per_second(size: tuple[int, int, int], dm: AzGPTDataModule, dtype: torch.dtype, steps: int,
+                     accumulate: int) -> float:
     n_layer, n_head, n_embd = size
-    module = AzGPT(vocab_size=VOCAB, block_size=BLOCK, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    module = AzGPT(vocab_size=VOCAB, block_size=dm.block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     blocks = dm.train_dataset()
     started = None
     for step in range(steps + 1):
         if step == 1:
             started = time.perf_counter()  # the first step warms up allocator and kernels
-        for micro in range(ACCUMULATE):
-            inputs, targets = blocks.batch_at(step * ACCUMULATE + micro)
+        for micro in range(accumulate):
+            inputs, targets = blocks.batch_at(step * accumulate + micro)
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 _, loss = module.model(inputs, targets)
             loss.backward()
@@ -60,37 +61,45 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--probe-steps", type=int, default=3)
+    parser.add_argument("--probe-rounds", type=int, default=2)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--accumulate", type=int, default=2)
+    parser.add_argument("--min-steps", type=int, default=20)
+    parser.add_argument("--data-dir", type=Path, default=None, help="reuse a folder prepared with vocab 8192")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     args = parser.parse_args()
     print("command: PYTHONPATH=. python bench/laptop_sizes.py " + shlex.join(sys.argv[1:]), flush=True)
     work = Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
-    dm = AzGPTDataModule(data_dir=str(work / "data"), corpus=args.corpus, vocab_size=VOCAB, block_size=BLOCK,
-                         batch_size=MICRO, val_max_blocks=100)
+    data_dir = args.data_dir or work / "data"
+    dm = AzGPTDataModule(data_dir=str(data_dir), corpus=args.corpus, vocab_size=VOCAB, block_size=args.block,
+                         batch_size=args.micro, val_max_blocks=100)
     dm.prepare_data()
     dm.setup()
     precision = choose_precision("cpu", "16-mixed")
     dtype = precision_dtype(precision)
     rates: dict[str, float] = {}
-    for round_index in range(2):
-        for name in args.sizes if round_index == 0 else reversed(args.sizes):
-            rates[name] = max(rates.get(name, 0.0), steps_per_second(SIZES[name], dm, dtype, args.probe_steps))
-    tokens_per_step = MICRO * ACCUMULATE * BLOCK
+    for round_index in range(args.probe_rounds):
+        for name in args.sizes if round_index % 2 == 0 else reversed(args.sizes):
+            rate = steps_per_second(SIZES[name], dm, dtype, args.probe_steps, args.accumulate)
+            rates[name] = max(rates.get(name, 0.0), rate)
+    tokens_per_step = args.micro * args.accumulate * args.block
     print(f"data: {' '.join(args.corpus)}, {dm.meta['splits']['train']['tokens']:,} train tokens; precision {precision}; "
           f"{os.cpu_count()} CPUs (shared machine)", flush=True)
     results = {}
     for name in args.sizes:
         n_layer, n_head, n_embd = SIZES[name]
         full_steps = int(rates[name] * args.minutes * 60)
-        steps = max(int(full_steps * args.scale), 20)
+        steps = max(int(full_steps * args.scale), args.min_steps)
         print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {full_steps:,} steps in {args.minutes:g} "
               f"min; training {steps} steps (scale {args.scale:g})", flush=True)
         cli = run_lightning_cli([
-            "fit", "--config", "quickstart.yaml", "--data.data_dir", str(work / "data"),
-            "--data.corpus", json.dumps(args.corpus), "--data.vocab_size", str(VOCAB), "--data.block_size", str(BLOCK),
-            "--data.batch_size", str(MICRO), "--data.val_max_blocks", "100",
+            "fit", "--config", "quickstart.yaml", "--data.data_dir", str(data_dir),
+            "--data.corpus", json.dumps(args.corpus), "--data.vocab_size", str(VOCAB),
+            "--data.block_size", str(args.block), "--data.batch_size", str(args.micro), "--data.val_max_blocks", "100",
             "--model.n_layer", str(n_layer), "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
             "--model.dropout", "0.0", "--model.warmup_steps", str(max(steps // 20, 2)),
-            "--trainer.max_steps", str(steps), "--trainer.accumulate_grad_batches", str(ACCUMULATE),
+            "--trainer.max_steps", str(steps), "--trainer.accumulate_grad_batches", str(args.accumulate),
             "--val_every_n_steps", str(steps), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
             "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(work / name)])
