@@ -48,6 +48,7 @@ LIGHTNING = ""  # target of the verbs LightningCLI runs
 VERBS: dict[str, Verb] = {
     "prepare": Verb("azgpt.data.prepare:prepare_command",
                     "train a BPE tokenizer on a corpus and write train/val token files"),
+    "corpora": Verb("azgpt.data.hub:corpora_command", "the Azerbaijani corpora known by name: size, licence, source"),
     "fit": Verb(LIGHTNING, "train a model (LightningCLI: --config quickstart.yaml, --ckpt_path last to resume)"),
     "validate": Verb(LIGHTNING, "validation loss, perplexity and bits per byte of a checkpoint"),
     "test": Verb(LIGHTNING, "the same metrics as validate, logged as a test run"),

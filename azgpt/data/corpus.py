@@ -1,13 +1,14 @@
 """Stream normalised Azerbaijani documents from text files, JSON lines or a Hugging Face dataset.
 
 A document is a blank-line-separated block in a text file, one record in a ``.jsonl`` file, or one row
-of a dataset. Nothing here holds more than one document (one line for text files) in memory.
+of a dataset. Memory is bounded whatever the input: text files are read in pieces of at most
+``READ_BYTES`` and any document longer than ``MAX_DOCUMENT_CHARS`` is cut into several (at whitespace where
+there is some), so a corpus with no line breaks costs no more than one with many.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
 import unicodedata
@@ -18,11 +19,17 @@ from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
+from azgpt.data.hub import HF_PREFIX, is_hub_corpus, iter_hub_texts, require_datasets, unknown_corpus_error
 from azgpt.errors import AzGPTError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-HF_PREFIX = "hf:"
+# Longest document handed on (characters; about 1-2 MB of UTF-8): a longer one becomes several documents,
+# each ending in end-of-text. Real documents are rarely this long; a file with no blank lines often is.
+MAX_DOCUMENT_CHARS = 1 << 20
+# Most bytes of a text file read at once: a longer line arrives in pieces cut at whitespace.
+READ_BYTES = 1 << 20
+_WHITESPACE = re.compile(r"\s")
 
 # Control characters carry no text and confuse the tokenizer; tab and newline are layout and stay.
 # A regex, not str.translate: translate looks every character up in a dict and is ~15x slower here.
@@ -67,33 +74,66 @@ def iter_documents(
     """Yield normalised, non-empty documents from each source in order.
 
     ``sources`` may be a path to a ``.txt``/``.txt.gz``/``.jsonl``/``.jsonl.gz`` file, a folder of those
-    (read recursively in sorted order), ``hf:NAME[:SPLIT]`` for a Hugging Face dataset, a list of any of
-    these, or None for the shipped sample corpus. ``errors`` is ``"strict"`` (invalid UTF-8 is an error
-    naming file and line) or ``"replace"`` (replaced with U+FFFD and counted in ``stats``).
+    (read recursively in sorted order), a Hugging Face dataset (``hf:NAME?config=C&split=S&text_field=F``,
+    see ``azgpt.data.hub``), a named corpus (``fineweb2-az``), a list of any of these, or None for the
+    shipped sample corpus. ``errors`` is ``"strict"`` (invalid UTF-8 is an error naming file and line) or
+    ``"replace"`` (replaced with U+FFFD and counted in ``stats``). No document is longer than
+    ``MAX_DOCUMENT_CHARS``.
     """
     if errors not in ("strict", "replace"):
         raise AzGPTError(f"--errors must be 'strict' or 'replace', got {errors!r}")
     stats = stats if stats is not None else CorpusStats()
     for source in _as_source_list(sources):
-        if isinstance(source, str) and source.startswith(HF_PREFIX):
-            documents = _iter_hf_dataset(source[len(HF_PREFIX) :], text_field)
-            stats.files.append(source)
+        if is_hub_corpus(source):
+            documents = iter_hub_texts(str(source), text_field)
+            stats.files.append(str(source))
         else:
             documents = _iter_path(Path(source), text_field, errors, stats)
         for text in documents:
-            text = normalize_text(text).strip()
-            if text:
-                stats.documents += 1
-                yield text
+            for part in split_long_text(text, MAX_DOCUMENT_CHARS):
+                part = normalize_text(part).strip()
+                if part:
+                    stats.documents += 1
+                    yield part
+
+
+def limit_documents(documents: Iterable[str], max_docs: int | None = None,
+                    max_bytes: int | None = None) -> Iterator[str]:
+    """The first documents of a stream: at most ``max_docs`` of them, whole, within ``max_bytes`` of UTF-8."""
+    taken = size = 0
+    for document in documents:
+        if max_docs is not None and taken >= max_docs:
+            return
+        if max_bytes is not None:
+            size += len(document.encode("utf-8"))
+            if size > max_bytes:
+                return
+        taken += 1
+        yield document
+
+
+def split_long_text(text: str, max_chars: int) -> list[str]:
+    """``text`` in parts of at most ``max_chars``, each cut after the last whitespace in its second half
+    (else at ``max_chars``), so no part can blow up what later holds it whole."""
+    if len(text) <= max_chars:
+        return [text]
+    parts, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max((m.end() for m in _WHITESPACE.finditer(text, start + max_chars // 2, end)), default=end)
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
 
 
 def resolve_corpus_files(sources: str | Path | Sequence[str | Path] | None) -> list[str]:
-    """Check every source exists and list the files (or ``hf:`` names) it stands for, in reading order."""
+    """Check every source exists and list the files (or dataset names) it stands for, in reading order."""
     found: list[str] = []
     for source in _as_source_list(sources):
-        if isinstance(source, str) and source.startswith(HF_PREFIX):
-            _require_datasets()
-            found.append(source)
+        if is_hub_corpus(source):
+            require_datasets()
+            found.append(str(source))
         else:
             found.extend(str(p) for p in _files_of(Path(source)))
     return found
@@ -116,6 +156,8 @@ def _has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
 
 def _files_of(path: Path) -> list[Path]:
     if not path.exists():
+        if not path.suffix and len(path.parts) == 1:  # a bare word: meant as a corpus name
+            raise unknown_corpus_error(str(path))
         raise AzGPTError(f"corpus path {path} does not exist: check the path, or pass a .txt, .txt.gz, "
                          f".jsonl or a folder of them")
     if path.is_file():
@@ -145,11 +187,15 @@ def _open_binary(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _decoded_lines(path: Path, errors: str, stats: CorpusStats) -> Iterator[tuple[int, str]]:
-    """Yield (line number, text) pairs; invalid UTF-8 names the file and line."""
+def _decoded_lines(path: Path, errors: str, stats: CorpusStats) -> Iterator[tuple[int, str, bool]]:
+    """Yield (line number, text, whether the line ends here); invalid UTF-8 names the file and line.
+
+    A line longer than ``READ_BYTES`` comes in several pieces, each but the last cut after whitespace
+    (else at a character boundary), so no line is ever held whole.
+    """
     try:
         with _open_binary(path) as handle:
-            for number, raw in enumerate(handle, start=1):
+            for number, raw, complete in _bounded_lines(handle):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -160,29 +206,72 @@ def _decoded_lines(path: Path, errors: str, stats: CorpusStats) -> Iterator[tupl
                         ) from None
                     line = raw.decode("utf-8", errors="replace")
                     stats.replaced_chars += line.count("\ufffd") - raw.count("\ufffd".encode())
-                yield number, line
+                yield number, line, complete
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise AzGPTError(f"{path}: not a readable gzip file ({exc}): re-compress it or decompress it to .txt") from None
     except (IsADirectoryError, PermissionError) as exc:
         raise AzGPTError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def _bounded_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, bytes, whether the line ends here) with at most about ``READ_BYTES`` bytes each."""
+    number, carry, line_started = 0, b"", False
+    while True:
+        read = handle.readline(READ_BYTES)
+        raw, carry = carry + read, b""
+        if not raw:
+            return
+        if not line_started:
+            number += 1
+        complete = read.endswith(b"\n") or len(read) < READ_BYTES  # a short read: the line or the file ended
+        if not complete:
+            cut = _safe_byte_cut(raw)
+            raw, carry = raw[:cut], raw[cut:]
+        line_started = not complete
+        yield number, raw, complete
+
+
+def _safe_byte_cut(raw: bytes) -> int:
+    """Where to cut an overlong piece of a line: after its last space or tab in the second half, else at
+    the last UTF-8 character boundary (never inside a character, so each piece decodes on its own)."""
+    cut = max(raw.rfind(b" ", len(raw) // 2), raw.rfind(b"\t", len(raw) // 2))
+    if cut >= 0:
+        return cut + 1
+    cut = len(raw)
+    while cut > len(raw) - 4 and raw[cut - 1] & 0xC0 == 0x80:  # continuation bytes: step back to a lead byte
+        cut -= 1
+    if raw[cut - 1] >= 0xC0:  # a lead byte whose continuation is in the next read
+        cut -= 1
+    return cut
+
+
 def _iter_text(path: Path, errors: str, stats: CorpusStats) -> Iterator[str]:
-    """Blank-line-separated blocks of lines, each one document."""
+    """Blank-line-separated blocks of lines, each one document (cut at ``MAX_DOCUMENT_CHARS``)."""
     block: list[str] = []
-    for _, line in _decoded_lines(path, errors, stats):
-        line = line.rstrip("\r\n")
+    size = 0
+    for _, line, complete in _decoded_lines(path, errors, stats):
+        if complete:
+            line = line.rstrip("\r\n")
         if line.strip():
-            block.append(line)
-        elif block:
-            yield "\n".join(block)
-            block = []
+            block.append(line + "\n" if complete else line)
+            size += len(line)
+            if size >= MAX_DOCUMENT_CHARS:
+                yield "".join(block)
+                block, size = [], 0
+        elif complete and block:
+            yield "".join(block)
+            block, size = [], 0
     if block:
-        yield "\n".join(block)
+        yield "".join(block)
 
 
 def _iter_jsonl(path: Path, text_field: str, errors: str, stats: CorpusStats) -> Iterator[str]:
-    for number, line in _decoded_lines(path, errors, stats):
+    pieces: list[str] = []
+    for number, piece, complete in _decoded_lines(path, errors, stats):
+        if not complete:  # a record is parsed whole, so an overlong JSON line is gathered (text files need not be)
+            pieces.append(piece)
+            continue
+        line, pieces = "".join(pieces) + piece, []
         if not line.strip():
             continue
         try:
@@ -196,26 +285,3 @@ def _iter_jsonl(path: Path, text_field: str, errors: str, stats: CorpusStats) ->
         if not isinstance(text, str):
             raise AzGPTError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
         yield text
-
-
-def _require_datasets() -> None:
-    if importlib.util.find_spec("datasets") is None:
-        raise AzGPTError("reading a Hugging Face dataset (hf:NAME) needs the optional 'datasets' package: "
-                         "pip install 'azgpt[datasets]', or pass a .txt, .txt.gz or .jsonl file instead")
-
-
-def _iter_hf_dataset(spec: str, text_field: str) -> Iterator[str]:
-    """Stream a Hugging Face dataset given as ``NAME`` or ``NAME:SPLIT`` (``datasets`` is an optional extra)."""
-    _require_datasets()
-    import datasets
-
-    name, _, split = spec.partition(":")
-    try:
-        dataset = datasets.load_dataset(name, split=split or "train", streaming=True)
-    except Exception as exc:  # the library raises many types; the user needs the name and the reason
-        raise AzGPTError(f"could not open Hugging Face dataset {name!r} (split {split or 'train'!r}): {exc}") from None
-    for row in dataset:
-        if text_field not in row:
-            raise AzGPTError(f"dataset {name!r} has no {text_field!r} column; pass --text_field with one of "
-                             f"{sorted(row)}")
-        yield row[text_field]

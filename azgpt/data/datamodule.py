@@ -114,7 +114,8 @@ class AzGPTDataModule(L.LightningDataModule):
 
     Args:
         data_dir: folder with train.npy, val.npy, tokenizer.json, meta.json (written by ``azgpt prepare``).
-        corpus: text to prepare from when ``data_dir`` is empty; None means the sample corpus shipped with azgpt.
+        corpus: text to prepare from when ``data_dir`` is empty: paths, named corpora (``azgpt corpora``) or
+            ``hf:`` datasets; None means the sample corpus shipped with azgpt.
         vocab_size: tokenizer vocabulary; the model's vocabulary is linked to it.
         block_size: context length; the model's block size is linked to it.
         batch_size: rows per micro-batch (per device).
@@ -123,6 +124,9 @@ class AzGPTDataModule(L.LightningDataModule):
         val_max_blocks: cap on the number of validation blocks (None: all of val.npy).
         tokenizer: reuse this tokenizer.json when preparing instead of training one.
         num_workers: DataLoader worker processes (0 is fastest for memory-mapped slices).
+        max_bytes: when preparing, read only the first SIZE of the corpus (e.g. 600MB).
+        val_corpus: when preparing, take validation from this corpus (e.g. fineweb2-az?split=test) instead
+            of holding out val_fraction.
     """
 
     def __init__(
@@ -137,6 +141,8 @@ class AzGPTDataModule(L.LightningDataModule):
         val_max_blocks: int | None = 200,
         tokenizer: str | None = None,
         num_workers: int = 0,
+        max_bytes: str | None = None,
+        val_corpus: list[str] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
@@ -155,6 +161,8 @@ class AzGPTDataModule(L.LightningDataModule):
         self.val_max_blocks = val_max_blocks
         self.tokenizer_path = tokenizer
         self.num_workers = num_workers
+        self.max_bytes = max_bytes
+        self.val_corpus = val_corpus
         self.tokenizer_json: str | None = None
         self.byte_lengths: list[int] | None = None
         self.meta: dict | None = None
@@ -180,7 +188,7 @@ class AzGPTDataModule(L.LightningDataModule):
         summary = prepare(PrepareConfig(
             out=self.data_dir, corpus=self.corpus, vocab_size=self.vocab_size, val_fraction=self.val_fraction,
             seed=self.seed, tokenizer=Path(self.tokenizer_path) if self.tokenizer_path else None,
-            block_size=self.block_size,
+            block_size=self.block_size, max_bytes=self.max_bytes, val_corpus=self.val_corpus,
         ))
         rank_zero_info(summary.table())
 

@@ -1,7 +1,8 @@
 """Turn a corpus into ``train.npy``, ``val.npy``, ``tokenizer.json`` and ``meta.json``.
 
-Documents stream through the tokenizer in batches and their ids stream to disk, so memory does not
-grow with the corpus. Every file is written under a temporary name and renamed only when all are
+The corpus is read once: its first ``tokenizer_sample`` of text is held to train the tokenizer, then those
+documents and the rest of the stream are encoded in batches and their ids stream to disk, so memory does
+not grow with the corpus. Every file is written under a temporary name and renamed only when all are
 complete: an interrupted run leaves nothing that looks finished. One prepare at a time writes into a folder
 (a lock file created exclusively), and temporary files are created exclusively, never through a planted link.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
 import time
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +27,8 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import FolderLock, create_exclusive, write_error, write_text_exclusive
-from azgpt.data.corpus import CorpusStats, iter_documents, resolve_corpus_files
+from azgpt.data.corpus import CorpusStats, iter_documents, limit_documents, resolve_corpus_files
+from azgpt.data.hub import is_hub_corpus, provenance
 from azgpt.errors import AzGPTError
 from azgpt.data.tokenizer import (
     PIECE_CHARS,
@@ -48,6 +52,27 @@ _ENCODE_BATCH_CHARS = 512 * 1024
 _NPY_HEADER_BYTES = 128
 
 
+# Chosen by measurement (bench/tokenizer_sample.py, vocab 8192, on ../shared/corpus): past 10 MB each doubling
+# of the sample bought about 1% fewer tokens per word (2 MB: +7.1%, 5 MB: +1.8%, 10 MB: +1.1% against 20 MB)
+# and doubled the training time; 20 MB was the largest sample there was to measure.
+DEFAULT_TOKENIZER_SAMPLE = "20MB"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: str | int | None, option: str) -> int | None:
+    """``"2GB"`` -> 2_000_000_000 (``KiB``/``MiB``/``GiB`` are powers of 1024); None stays None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    match = _SIZE.match(str(value))
+    if match is None or float(match.group(1)) <= 0:
+        raise AzGPTError(f"{option} {value!r} is not a size: write a positive number of bytes with an optional "
+                         f"unit, e.g. 500MB, 2GB or 1.5GiB")
+    unit = match.group(2).lower()
+    scale = _SIZE_UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
+    return int(float(match.group(1)) * scale)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits in it, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -59,8 +84,8 @@ class PrepareConfig:
 
     Args:
         out: folder for the token files.
-        corpus: .txt, .txt.gz, .jsonl(.gz), a folder of them, or hf:NAME[:SPLIT] (default: the sample corpus
-            shipped with azgpt).
+        corpus: .txt, .txt.gz, .jsonl(.gz), a folder of them, a named corpus (azgpt corpora lists them) or a
+            Hugging Face dataset hf:NAME?config=C&split=S&text_field=F (default: the sample corpus shipped with azgpt).
         vocab_size: BPE vocabulary size.
         val_fraction: share of documents held out for validation.
         seed: seed of the train/val split.
@@ -69,6 +94,12 @@ class PrepareConfig:
         text_field: field of .jsonl records to read.
         errors: invalid UTF-8: stop with an error (strict) or replace and count (replace).
         overwrite: replace token files made by another tokenizer or from another corpus.
+        max_docs: read only the first N documents of the corpus.
+        max_bytes: read only the first SIZE of text (whole documents; e.g. 500MB, 2GB).
+        tokenizer_sample: train the tokenizer on at most this much of the corpus's first text (e.g. 50MB);
+            null trains on all of it (held in memory).
+        val_corpus: take validation from this corpus (e.g. fineweb2-az?split=test, a dataset's published
+            split) instead of holding out val_fraction of the documents; it is read whole.
     """
 
     out: Path
@@ -81,6 +112,10 @@ class PrepareConfig:
     text_field: str = "text"
     errors: Literal["strict", "replace"] = "strict"
     overwrite: bool = False
+    max_docs: int | None = None
+    max_bytes: str | None = None
+    tokenizer_sample: str | None = DEFAULT_TOKENIZER_SAMPLE
+    val_corpus: list[str] | None = None
 
 
 @dataclass
@@ -108,6 +143,7 @@ class PrepareSummary:
     tokenizer_trained: bool = False
     repeated_sources: list[str] = field(default_factory=list)
     shared_documents: int = 0  # distinct val documents whose exact text is also in train
+    tokenizer_sample_bytes: int = 0
 
     def table(self) -> str:
         """A closing summary a person reads at the end of the run."""
@@ -117,7 +153,9 @@ class PrepareSummary:
                         f"{c.characters / max(c.tokens, 1):>12.2f}")
         mb = sum(c.bytes for c in self.splits.values()) / 1e6
         if self.tokenizer_trained:
-            trained = f"tokenizer trained in {self.tokenizer_seconds:.1f}s ({mb / max(self.tokenizer_seconds, 1e-9):.2f} MB/s)"
+            sample = self.tokenizer_sample_bytes
+            trained = (f"tokenizer trained on the first {sample:,} bytes in {self.tokenizer_seconds:.1f}s "
+                       f"({sample / 1e6 / max(self.tokenizer_seconds, 1e-9):.2f} MB/s)")
         else:
             trained = "tokenizer reused"
         rows.append(f"vocab {self.vocab_size:,} ({self.dtype}); {trained}; encoded in {self.encode_seconds:.1f}s "
@@ -162,6 +200,9 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     summary = PrepareSummary(out=config.out)
     config, summary.repeated_sources = _without_repeated_sources(config)
     sources = resolve_corpus_files(config.corpus)  # fails early on a missing path
+    val_sources = resolve_corpus_files(config.val_corpus) if config.val_corpus else []
+    max_bytes = parse_size(config.max_bytes, "--max_bytes")
+    sample_bytes = parse_size(config.tokenizer_sample, "--tokenizer_sample")
     created = [p for p in (config.out, *config.out.parents) if not p.exists()]
     complete = False
     try:
@@ -169,7 +210,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         # Held from before the tokenizer is trained: a second prepare stops at once instead of after its training,
         # and no other prepare can change the folder between the checks and the renames.
         with FolderLock(config.out, "azgpt prepare", LOCK_NAME):
-            _prepare_locked(config, sources, summary)
+            _prepare_locked(config, sources, val_sources, max_bytes, sample_bytes, summary)
         complete = True
     except OSError as exc:
         error = write_error(exc, config.out, "--out")
@@ -183,15 +224,22 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     return summary
 
 
-def _prepare_locked(config: PrepareConfig, sources: list[str], summary: PrepareSummary) -> None:
+def _prepare_locked(config: PrepareConfig, sources: list[str], val_sources: list[str], max_bytes: int | None,
+                    sample_bytes: int | None, summary: PrepareSummary) -> None:
     stats = CorpusStats()
+    documents = limit_documents(
+        iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats),
+        config.max_docs, max_bytes)
     tokenizer_started = time.perf_counter()
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     else:
-        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors)
-        tokenizer = _train_checked(documents, config)
+        sample = _take_sample(documents, sample_bytes)
+        tokenizer = _train_checked(sample, config)
+        documents = itertools.chain(sample, documents)  # the sample is encoded too: the corpus is read once
         summary.tokenizer_trained = True
+        summary.tokenizer_sample_bytes = sum(len(d.encode("utf-8")) for d in sample)
+        del sample
     summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
     sha = tokenizer_sha256(tokenizer)
     _check_existing_output(config, sha, sources)
@@ -203,15 +251,21 @@ def _prepare_locked(config: PrepareConfig, sources: list[str], summary: PrepareS
     partial = {name: config.out / f".{name}.partial" for name in OUTPUT_FILES}
     try:
         encode_started = time.perf_counter()
-        documents = iter_documents(config.corpus, text_field=config.text_field, errors=config.errors, stats=stats)
-        summary.splits, summary.shared_documents = _encode_to_files(documents, tokenizer, dtype, config, partial)
+        if config.val_corpus:
+            val_documents = iter_documents(config.val_corpus, text_field=config.text_field, errors=config.errors,
+                                           stats=stats)
+            labelled = itertools.chain(((d, False) for d in documents), ((d, True) for d in val_documents))
+        else:
+            labelled = zip(documents, _split_of_documents(config.seed, config.val_fraction))
+        expected = max_bytes or _expected_text_bytes(sources + val_sources)
+        summary.splits, summary.shared_documents = _encode_to_files(labelled, tokenizer, dtype, partial, expected)
         summary.encode_seconds = time.perf_counter() - encode_started
         summary.replaced_chars = stats.replaced_chars
         if stats.documents == 0:
             raise _empty_corpus_error(config)
         _check_split_sizes(summary.splits, config)
         write_text_exclusive(partial["tokenizer.json"], tokenizer.to_str(pretty=True), replace_leftover=True)
-        meta = _meta(config, sources, vocab_size, tokenizer, sha, dtype, summary.splits)
+        meta = _meta(config, sources, val_sources, vocab_size, tokenizer, sha, dtype, summary)
         write_text_exclusive(partial["meta.json"], json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                              replace_leftover=True)
         # meta.json goes first and comes back last: its presence marks a complete, consistent folder.
@@ -244,6 +298,34 @@ def _without_repeated_sources(config: PrepareConfig) -> tuple[PrepareConfig, lis
     return dataclasses.replace(config, corpus=kept), repeated
 
 
+def _take_sample(documents: Iterator[str], max_bytes: int | None) -> list[str]:
+    """The first documents of the stream up to ``max_bytes`` of UTF-8 (all of them for None), held in memory."""
+    sample: list[str] = []
+    size = 0
+    for document in documents:
+        sample.append(document)
+        size += len(document.encode("utf-8"))
+        if max_bytes is not None and size >= max_bytes:
+            break
+    return sample
+
+
+def _expected_text_bytes(sources: Sequence[str]) -> int | None:
+    """About how many bytes of text the local files hold (for the progress bar's ETA); None when unknown."""
+    total = 0
+    for source in sources:
+        if is_hub_corpus(source):
+            return None
+        path = Path(source)
+        if path.name.lower().endswith(".gz"):
+            with open(path, "rb") as handle:  # gzip's trailer holds the uncompressed size (mod 4 GiB)
+                handle.seek(-4, os.SEEK_END)
+                total += int.from_bytes(handle.read(4), "little")
+        else:
+            total += path.stat().st_size
+    return total
+
+
 def _vocab_size(tokenizer: Tokenizer) -> int:
     """One more than the largest id: the size of the embedding table, and what decides the file dtype."""
     return max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1)
@@ -264,6 +346,12 @@ def _check_options(config: PrepareConfig) -> None:
         raise AzGPTError(f"--val_fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
     if isinstance(config.block_size, bool) or not isinstance(config.block_size, int) or config.block_size < 1:
         raise AzGPTError(f"--block_size must be a positive integer, got {config.block_size!r}")
+    if config.max_docs is not None and (isinstance(config.max_docs, bool) or config.max_docs < 1):
+        raise AzGPTError(f"--max_docs must be a positive integer, got {config.max_docs!r}")
+    if config.val_corpus is not None and not config.val_corpus:
+        raise AzGPTError("--val_corpus names no corpus: give one, or leave it out to hold out --val_fraction")
+    parse_size(config.max_bytes, "--max_bytes")
+    parse_size(config.tokenizer_sample, "--tokenizer_sample")
     if config.out.exists() and not config.out.is_dir():
         raise AzGPTError(f"--out {config.out} exists and is not a folder: choose another path")
 
@@ -333,15 +421,14 @@ def _split_of_documents(seed: int, val_fraction: float) -> Iterator[bool]:
         yield from (rng.random(4096) < val_fraction).tolist()
 
 
-def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, config: PrepareConfig,
-                     partial: dict[str, Path]) -> tuple[dict[str, SplitCounts], int]:
-    """Write the ids of every document to its split's file; return the counts and how many distinct val
-    documents also occur in train (an 8-byte hash per document: memory grows by 8 bytes a document)."""
+def _encode_to_files(labelled: Iterable[tuple[str, bool]], tokenizer: Tokenizer, dtype: np.dtype,
+                     partial: dict[str, Path], expected_bytes: int | None) -> tuple[dict[str, SplitCounts], int]:
+    """Encode (document, goes to val) pairs in batches into the two partial .npy files; return the counts per
+    split and how many distinct val documents also occur in train (an 8-byte hash per document)."""
     from tqdm.auto import tqdm  # a dependency of lightning; imported here to keep import time low
 
     encoder = _BatchEncoder(tokenizer, dtype)
     counts = {name: SplitCounts() for name in SPLITS}
-    is_val = _split_of_documents(config.seed, config.val_fraction)
     handles: dict[str, BinaryIO] = {}
     hashes = {name: _Hashes() for name in SPLITS}
     batch = _Batch()
@@ -350,14 +437,14 @@ def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.d
             handles[name] = create_exclusive(partial[f"{name}.npy"], replace_leftover=True)
         for handle in handles.values():
             handle.write(b"\0" * _NPY_HEADER_BYTES)
-        with tqdm(desc="encode", unit=" chars", unit_scale=True, disable=None) as progress:
-            for document in documents:
-                doc_is_val = next(is_val)
+        with tqdm(desc="encode", total=expected_bytes, unit="B", unit_scale=True, disable=None) as progress:
+            for document, doc_is_val in labelled:
                 split = "val" if doc_is_val else "train"
                 c = counts[split]
                 c.documents += 1
                 encoded = document.encode("utf-8")
                 c.bytes += len(encoded)
+                batch.bytes += len(encoded)
                 hashes[split].add(encoded)
                 c.characters += len(document)
                 pieces = encoder.pieces(document)
@@ -365,11 +452,8 @@ def _encode_to_files(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.d
                     c.words += len(piece.split())  # cuts never fall inside a word
                     batch.add(piece, doc_is_val, ends_document=index == len(pieces))
                     if batch.chars >= _ENCODE_BATCH_CHARS:
-                        encoder.write(batch, handles, counts)
-                        progress.update(batch.chars)
-                        batch = _Batch()
-            encoder.write(batch, handles, counts)
-            progress.update(batch.chars)
+                        batch = _flush(encoder, batch, handles, counts, progress)
+            _flush(encoder, batch, handles, counts, progress)
         for name, handle in handles.items():
             _write_npy_header(handle, dtype, counts[name].tokens)
             handle.flush()
@@ -403,6 +487,14 @@ class _Hashes:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.uint64)
 
 
+def _flush(encoder: _BatchEncoder, batch: _Batch, handles: dict[str, BinaryIO], counts: dict[str, SplitCounts],
+           progress) -> _Batch:
+    encoder.write(batch, handles, counts)
+    progress.update(batch.bytes)
+    progress.set_postfix(docs=f"{sum(c.documents for c in counts.values()):,}", refresh=False)
+    return _Batch()
+
+
 class _Batch:
     """Pieces of documents waiting to be encoded together: a long document may span several batches."""
 
@@ -411,6 +503,7 @@ class _Batch:
         self.is_val: list[bool] = []
         self.ends_document: list[bool] = []
         self.chars = 0
+        self.bytes = 0  # UTF-8 bytes of the documents begun in this batch, for the progress bar
 
     def add(self, piece: str, is_val: bool, ends_document: bool) -> None:
         self.pieces.append(piece)
@@ -493,9 +586,9 @@ def _check_split_sizes(counts: dict[str, SplitCounts], config: PrepareConfig) ->
             )
 
 
-def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokenizer: Tokenizer, sha: str,
-          dtype: np.dtype, counts: dict[str, SplitCounts]) -> dict:
-    return {
+def _meta(config: PrepareConfig, sources: Sequence[str], val_sources: Sequence[str], vocab_size: int,
+          tokenizer: Tokenizer, sha: str, dtype: np.dtype, summary: PrepareSummary) -> dict:
+    meta = {
         "format_version": META_VERSION,
         "azgpt_version": __version__,
         "vocab_size": vocab_size,
@@ -504,11 +597,21 @@ def _meta(config: PrepareConfig, sources: Sequence[str], vocab_size: int, tokeni
         "tokenizer_file": "tokenizer.json",
         "tokenizer_sha256": sha,
         "source": list(sources),
-        "val_fraction": config.val_fraction,
+        "val_fraction": None if val_sources else config.val_fraction,
         "seed": config.seed,
         "normalization": "NFC, control characters dropped, Cyrillic schwa folded to Latin",
-        "splits": {name: vars(c) for name, c in counts.items()},
+        "splits": {name: vars(c) for name, c in summary.splits.items()},
     }
+    if val_sources:
+        meta["val_source"] = list(val_sources)
+    corpora = [provenance(s) for s in [*sources, *val_sources] if is_hub_corpus(s)]
+    if corpora:
+        meta["corpora"] = corpora  # dataset, config, split, and for named corpora licence and url
+    if config.max_docs is not None or config.max_bytes is not None:
+        meta["slice"] = {"max_docs": config.max_docs, "max_bytes": parse_size(config.max_bytes, "--max_bytes")}
+    if summary.tokenizer_trained:
+        meta["tokenizer_sample_bytes"] = summary.tokenizer_sample_bytes
+    return meta
 
 
 def prepare_command(options: PrepareConfig) -> int:

@@ -72,24 +72,30 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: in
 
 
 def split_at_line_breaks(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """Cut ``text`` into pieces of about ``max_chars`` whose token ids, concatenated, are the text's own.
+    """Cut ``text`` into pieces of at most ``max_chars`` whose token ids, concatenated, are the text's own.
 
-    Cuts fall just after a newline with non-whitespace on both sides. There the byte-level
-    pre-tokenizer's regex always ends a token before the newline and makes the newline a token of its
-    own, and NFC never composes across it, so azgpt's pipeline (``new_tokenizer``) splits the same way
-    whether or not the text was cut. A text with no such newline stays whole. Written by hand because
-    ``tokenizers`` parallelises over input strings only, and builds per-byte tables for each.
+    A cut falls just after a newline with non-whitespace on both sides, else just before a space with
+    non-whitespace on both sides (the newline or the space-led word is a token of its own for the byte-level
+    pre-tokenizer's regex, and NFC never composes across either), so azgpt's pipeline (``new_tokenizer``)
+    gives the same ids whether or not the text was cut. Where the piece has no such place, the first one
+    within ``4 * max_chars`` is taken; only text with none at all there (no usable whitespace) is cut at that
+    limit, which may change a token or two at the cut, and is what bounds memory whatever the input. Written by hand because ``tokenizers`` parallelises over input
+    strings only, and builds per-byte tables for each.
     """
     if len(text) <= max_chars:
         return [text]
     pieces: list[str] = []
     start = 0
     while len(text) - start > max_chars:
-        cut = _safe_cut_before(text, start + max_chars // 2, start + max_chars)
-        if cut < 0:
-            cut = _safe_cut_after(text, start + max_chars)
+        end = start + max_chars
+        for low in (start + max_chars // 2, start + 1):
+            cut = _safe_cut_before(text, low, end)
             if cut < 0:
+                cut = _space_cut_before(text, low, end)
+            if cut > start:
                 break
+        else:
+            cut = _first_cut_after(text, end, start + 4 * max_chars)
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
@@ -110,13 +116,21 @@ def _safe_cut_before(text: str, low: int, high: int) -> int:
     return -1
 
 
-def _safe_cut_after(text: str, low: int) -> int:
-    """Index just after the first safe newline at or after ``low``, or -1."""
-    newline = text.find("\n", low)
-    while newline >= 0:
-        if _is_safe_cut(text, newline):
-            return newline + 1
-        newline = text.find("\n", newline + 1)
+def _first_cut_after(text: str, low: int, high: int) -> int:
+    """The first safe newline or space cut in ``text[low:high]``, else ``high``."""
+    for index in range(low, min(high, len(text) - 1)):
+        if text[index] in "\n " and _is_safe_cut(text, index):
+            return index + 1 if text[index] == "\n" else index
+    return high
+
+
+def _space_cut_before(text: str, low: int, high: int) -> int:
+    """Index of the last space in ``text[low:high]`` with non-whitespace on both sides, or -1."""
+    space = text.rfind(" ", low, high)
+    while space >= 0:
+        if _is_safe_cut(text, space):
+            return space
+        space = text.rfind(" ", low, space)
     return -1
 
 

@@ -20,7 +20,7 @@ from azgpt.model import GPT, GPTConfig
 from azgpt.train.numerics import UpdateGuard
 from azgpt.data.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
-DATA_SUMMARY_KEYS = ("source", "normalization", "tokenizer_sha256")
+DATA_SUMMARY_KEYS = ("source", "corpora", "normalization", "tokenizer_sha256")
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:

@@ -166,6 +166,10 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
         return ["Not recorded in the checkpoint."]
     sources = [s if s.startswith("hf:") else Path(s).name for s in data.get("source") or []]
     lines = [f"- source: {', '.join(f'`{s}`' for s in sources) or 'unknown'}"]
+    for corpus in data.get("corpora") or []:  # Hugging Face datasets: where they come from, under what licence
+        where = " ".join(f"{k} `{corpus[k]}`" for k in ("dataset", "config", "split") if corpus.get(k))
+        lines.append(f"- `{corpus['corpus']}`: {where}" + "".join(
+            f"; {k} {corpus[k]}" for k in ("licence", "url") if corpus.get(k)))
     for split in ("train", "val"):
         tokens = data.get(f"{split}_tokens")
         if tokens is not None:

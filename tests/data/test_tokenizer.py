@@ -117,6 +117,7 @@ def test_cutting_at_line_breaks_keeps_ids_exact(tokenizer: Tokenizer) -> None:
     assert splits_like_azgpt(tokenizer)
     docs = list(iter_documents(None))
     tricky = "a\n  b\n\nc \nd\n\t\ne.\nİ\n\u0307x\n" * 40  # whitespace around newlines must not be cut
+    tricky += "a  b 's\t c , 12 ab\u0307 x . y" * 40  # nor around spaces
     for document in docs + [tricky, "\n".join(docs)]:
         for max_chars in (8, 60, 500):
             pieces = split_at_line_breaks(document, max_chars)
@@ -125,11 +126,12 @@ def test_cutting_at_line_breaks_keeps_ids_exact(tokenizer: Tokenizer) -> None:
             assert cut_ids == tokenizer.encode(document).ids
 
 
-def test_cuts_only_between_non_space_around_a_newline() -> None:
+def test_cuts_after_a_newline_else_before_a_space_else_at_the_limit() -> None:
     text = "alpha\nbeta gamma\n delta\nepsilon"
     pieces = split_at_line_breaks(text, 8)
-    assert pieces == ["alpha\n", "beta gamma\n delta\n", "epsilon"]
-    assert split_at_line_breaks("no newline at all " * 10, 8) == ["no newline at all " * 10]
+    assert pieces == ["alpha\n", "beta", " gamma\n delta\n", "epsilon"]
+    assert split_at_line_breaks("no newline " * 3, 12) == ["no newline", " no newline", " no newline "]
+    assert split_at_line_breaks("x" * 70, 8) == ["x" * 32, "x" * 32, "x" * 6]  # no whitespace: cut at 4 x 8
     assert split_at_line_breaks("short", 8) == ["short"]
 
 

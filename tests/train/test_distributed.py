@@ -49,7 +49,8 @@ def write_config(workdir: Path, name: str, *, devices: int, max_steps: int, val_
         "seed_everything": SEED,
         "val_every_n_steps": val_every,
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "learning_rate": 1e-3, "warmup_steps": 2},
-        "data": {"data_dir": str(workdir / "data"), "vocab_size": 300, "block_size": BLOCK_SIZE,
+        "data": {"data_dir": str(workdir / "data"), "corpus": None, "max_bytes": None, "val_corpus": None,
+                 "vocab_size": 300, "block_size": BLOCK_SIZE,
                  "batch_size": BATCH_SIZE, "seed": SEED, "val_fraction": 0.1, "val_max_blocks": val_blocks},
         "trainer": {
             "accelerator": "cpu", "devices": devices, "num_nodes": 1, "strategy": "ddp" if devices > 1 else "auto",

@@ -157,3 +157,13 @@ def test_biases_and_layouts_survive_export(tiny_run, tmp_path: Path, transformer
         ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
     theirs = hf_logits(tmp_path / "hf", ids, transformers)
     assert torch.allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_model_card_names_licence_and_source_of_a_named_corpus() -> None:
+    from azgpt.data.hub import provenance
+    from azgpt.use.export import _data_lines
+
+    lines = "\n".join(_data_lines({"source": ["fineweb2-az"], "corpora": [provenance("fineweb2-az")],
+                                   "train_tokens": 1000}))
+    assert "`fineweb2-az`: dataset `HuggingFaceFW/fineweb-2` config `azj_Latn` split `train`" in lines
+    assert "licence ODC-By 1.0" in lines and "https://huggingface.co/datasets/HuggingFaceFW/fineweb-2" in lines

@@ -1,0 +1,63 @@
+"""Memory stays bounded whatever the line length: a corpus with no line breaks costs no more than one with many."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PEAK_RSS_LIMIT = 1 << 30
+WORDS = ("Azərbaycan", "Bakı", "şəhəri", "dağların", "başı", "qarla", "örtüldü", "İlqar", "çörək", "ılıq",
+         "məktəbdə", "uşaqlar", "əlifbanı", "öyrənirlər", "dəniz", "küçələrində", "gözəl", "tarixi", "Gəncə")
+
+
+def single_line_file(path: Path, megabytes: int) -> Path:
+    rng = random.Random(0)
+    chunk = " ".join(rng.choice(WORDS) + rng.choice(("", "", ",", ".", str(rng.randrange(100))))
+                     for _ in range(200_000)) + " "
+    size = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        while size < megabytes * 10**6:
+            handle.write(chunk)
+            size += len(chunk.encode("utf-8"))
+    return path
+
+
+@pytest.mark.slow
+def test_prepare_of_a_35mb_single_line_file_peaks_under_1gb(tmp_path: Path) -> None:
+    corpus = single_line_file(tmp_path / "one_line.txt", 35)
+    assert corpus.read_bytes().count(b"\n") == 0
+    command = [sys.executable, "-m", "azgpt.cli", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
+               "--vocab_size", "1024"]
+    with open(tmp_path / "log.txt", "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                   stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # reaps the child and gives its own peak RSS
+    output = (tmp_path / "log.txt").read_text(encoding="utf-8", errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, output[-2000:]
+    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+    print(f"peak RSS of prepare on a 35 MB single-line file: {peak / 2**20:.0f} MiB")
+    assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert "wrote" in output
+
+
+@pytest.mark.parametrize("line", ["əğıöüşç" * 50, "söz " * 80, "ab" * 150])
+def test_an_overlong_line_arrives_in_pieces_that_keep_every_character(tmp_path: Path, monkeypatch, line: str) -> None:
+    from azgpt.data import corpus
+
+    monkeypatch.setattr(corpus, "READ_BYTES", 64)
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 100)
+    path = tmp_path / "long.txt"
+    path.write_text(f"first\n{line}\n\nlast\n", encoding="utf-8")
+    pieces = list(corpus._decoded_lines(path, "strict", corpus.CorpusStats()))
+    assert max(len(text.encode()) for _, text, _ in pieces) <= 64 + 3
+    assert "".join(text for _, text, _ in pieces) == f"first\n{line}\n\nlast\n"
+    assert [n for n, _, complete in pieces if complete] == [1, 2, 3, 4]
+    documents = list(corpus.iter_documents(path))
+    assert max(map(len, documents)) <= 100 + 64
+    assert "".join("".join(documents).split()) == "".join(f"first{line}last".split())  # every character kept
