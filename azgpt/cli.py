@@ -53,6 +53,8 @@ VERBS: dict[str, Verb] = {
     "validate": Verb(LIGHTNING, "validation loss, perplexity and bits per byte of a checkpoint"),
     "test": Verb(LIGHTNING, "the same metrics as validate, logged as a test run"),
     "generate": Verb("azgpt.use.generate:generate_command", "continue a prompt with a trained model"),
+    "evaluate": Verb("azgpt.use.evaluate:evaluate_command",
+                     "loss, perplexity and bits per byte of a checkpoint on any text, per file"),
     "export": Verb("azgpt.use.export:export_command", "write a checkpoint as a Hugging Face GPT-2 folder"),
 }
 

@@ -512,16 +512,15 @@ class _Batch:
         self.chars += len(piece)
 
 
-class _BatchEncoder:
-    """Encodes a batch of pieces in one parallel ``tokenizers`` call and appends the ids to the split files.
+class DocumentEncoder:
+    """Token ids of documents exactly as ``prepare`` writes them, in one parallel ``tokenizers`` call per list.
 
     Long documents are cut into pieces (``split_at_line_breaks``: same ids, more parallelism, and memory
     bounded by the batch, not by the longest document); offsets are never computed (``encode_batch_fast``
     where this ``tokenizers`` has it).
     """
 
-    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
-        self.dtype = dtype
+    def __init__(self, tokenizer: Tokenizer):
         self.eot = eot_id(tokenizer)
         # A copy to tune for this job, leaving the caller's tokenizer (saved next to the ids) as it is.
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
@@ -538,16 +537,39 @@ class _BatchEncoder:
     def pieces(self, document: str) -> list[str]:
         return split_at_line_breaks(document, self.piece_chars) if self.piece_chars else [document]
 
+    def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        """The ids of each piece, without special tokens."""
+        return [encoding.ids for encoding in self._encode(pieces, add_special_tokens=False)] if pieces else []
+
+    def encode_documents(self, documents: list[str]) -> list[list[int]]:
+        """The ids of each (normalised) document, without special tokens."""
+        cuts = [self.pieces(document) for document in documents]
+        piece_ids = iter(self.encode_pieces([piece for cut in cuts for piece in cut]))
+        encoded = []
+        for cut in cuts:
+            ids: list[int] = []
+            for _ in cut:
+                ids.extend(next(piece_ids))
+            encoded.append(ids)
+        return encoded
+
+
+class _BatchEncoder(DocumentEncoder):
+    """Encodes a batch of pieces and appends the ids (+ end-of-text after each document) to the split files."""
+
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
+        super().__init__(tokenizer)
+        self.dtype = dtype
+
     def write(self, batch: _Batch, handles: dict[str, BinaryIO], counts: dict[str, SplitCounts]) -> None:
         """Encode the batch and append each piece's ids (+ end-of-text after a document's last piece) to its split."""
         if not batch.pieces:
             return
-        encodings = self._encode(batch.pieces, add_special_tokens=False)
         flat: list[int] = []
         piece_tokens: list[int] = []
-        for encoding, ends_document in zip(encodings, batch.ends_document):
+        for piece_ids, ends_document in zip(self.encode_pieces(batch.pieces), batch.ends_document):
             before = len(flat)
-            flat.extend(encoding.ids)
+            flat.extend(piece_ids)
             if ends_document:
                 flat.append(self.eot)
             piece_tokens.append(len(flat) - before)
