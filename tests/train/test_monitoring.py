@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import psutil
 import pytest
@@ -12,8 +14,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata as custom_scalar_metadata
 
 from azgpt.data.datamodule import FixedTrainBlocks
+from azgpt.errors import AzGPTError
 from azgpt.train.module import AzGPT
-from tests.conftest import TINY_BLOCK
+from azgpt.train.monitoring import Evaluation, OverfitAlarm
+from tests.conftest import TINY_BLOCK, tiny_fit_args
+
+SAMPLE = Path(__file__).resolve().parents[2] / "azgpt" / "sample_corpus"
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -88,3 +94,77 @@ def test_cuda_health_is_read_on_a_gpu() -> None:
     stats = DeviceHealth().read(trainer)
     assert stats["system/cuda_mem_peak_gb"] > 0
     assert 0 < stats["system/gpu_temp_c"] < 120 and 0 <= stats["system/gpu_util"] <= 100
+
+
+# -- the overfitting alarm -------------------------------------------------------------------------------
+
+def alarm_after(history: list[tuple[float, float]], patience: int = 3) -> str | None:
+    alarm = OverfitAlarm(patience)
+    alarm.history = [Evaluation(10 * (i + 1), v, t) for i, (v, t) in enumerate(history)]
+    return alarm.verdict()
+
+
+def test_alarm_when_val_rises_for_patience_validations_while_train_falls() -> None:
+    rising = [(3.0, 3.0), (2.5, 2.4), (2.6, 2.2), (2.7, 2.0), (2.8, 1.8)]
+    assert alarm_after(rising[:4]) is None  # two validations since the best: not yet
+    message = alarm_after(rising)
+    assert "best 2.5000 at step 20" in message and "now 2.8000 at step 50" in message
+
+
+@pytest.mark.parametrize("history", [
+    [(3.0, 3.0), (2.5, 2.4), (2.4, 2.2), (2.3, 2.0), (2.2, 1.8)],  # healthy: both fall
+    [(3.0, 3.0), (2.5, 2.4), (2.6, 2.5), (2.7, 2.6), (2.8, 2.7)],  # diverging: both rise
+    [(3.0, 3.0), (2.5, 2.4), (2.6, 2.2), (2.5, 2.0), (2.5, 1.8)],  # level, not above the best
+])
+def test_no_alarm_for_healthy_diverging_or_level_runs(history: list[tuple[float, float]]) -> None:
+    assert alarm_after(history) is None
+
+
+def test_alarm_rejects_a_bad_patience() -> None:
+    with pytest.raises(AzGPTError, match="patience"):
+        OverfitAlarm(0)
+
+
+def test_healthy_run_raises_nothing(trained_run: Path) -> None:
+    assert not [t for t in events(trained_run).Tags()["tensors"] if t.startswith("alerts/")]
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run made to overfit: 10 short documents (about 800 training tokens), no dropout, a high lr."""
+    from azgpt.cli import main
+    from azgpt.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("overfit")
+    lines = [line for line in (SAMPLE / "hekayeler.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    (root / "corpus.txt").write_text("\n\n".join(lines[:10]), encoding="utf-8")
+    prepare(PrepareConfig(out=root / "data", corpus=[str(root / "corpus.txt")], vocab_size=300, block_size=16,
+                          val_fraction=0.4))
+    args = tiny_fit_args(root / "data", max_steps=80, **{
+        "--data.vocab_size": 300, "--data.block_size": 16, "--data.batch_size": 8, "--data.val_max_blocks": 8,
+        "--model.n_embd": 64, "--model.learning_rate": 1e-2, "--trainer.accumulate_grad_batches": 1,
+        "--val_every_n_steps": 4, "--trainer.log_every_n_steps": 10, "--early_stopping": 3})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "lightning_logs" / "version_0"
+
+
+@pytest.mark.slow
+def test_overfitting_run_raises_the_alarm_once_and_early_stopping_stops_it(overfit_run: Path) -> None:
+    accumulator = events(overfit_run)
+    alerts = accumulator.Tensors("alerts/overfitting/text_summary")
+    assert len(alerts) == 1
+    text = alerts[0].tensor_proto.string_val[0].decode()
+    val = curve(overfit_run, "val_loss")
+    best_step, best = min(val, key=lambda sv: sv[1])
+    assert f"at step {best_step + 1}" in text or f"at step {best_step}" in text
+    assert "best-" in text and ".ckpt" in text  # the checkpoint holding the best weights
+    # Stopped by EarlyStopping three validations after the best, well before max_steps.
+    steps = [s for s, _ in val]
+    assert steps.index(best_step) == len(steps) - 4 and steps[-1] < 79
+    assert val[-1][1] > best and curve(overfit_run, "train_eval_loss")[-1][1] < dict(
+        curve(overfit_run, "train_eval_loss"))[best_step]
