@@ -49,6 +49,19 @@ def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
             logger.experiment.add_text(tag, text, global_step=step)
 
 
+def flush(trainer: L.Trainer) -> None:
+    """Put everything logged so far into the loggers' files, for the report at the end of fit.
+
+    W&B keeps its records in memory until the run finishes, so its run is finished here (fit is over; a later
+    ``trainer.test`` under W&B needs a new ``WandbLogger``).
+    """
+    for logger in trainer.loggers:
+        if _is_wandb(logger):
+            logger.experiment.finish()
+        else:
+            logger.save()
+
+
 def can_hold_text(logger: Logger) -> bool:
     """Whether ``log_text`` writes anything to ``logger``."""
     return isinstance(logger, CSVLogger) or _is_wandb(logger) or hasattr(logger.experiment, "add_text")

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import AzGPTError
 from azgpt.train.history import RunHistory, finite, read_history
-from azgpt.train.loggers import run_dir as trainer_run_dir
+from azgpt.train.loggers import flush, run_dir as trainer_run_dir
 from azgpt.train.monitoring import Evaluation, OverfitAlarm
 
 SUMMARY_TAGS = ("val_loss", "val_ppl", "val_bpb", "train_eval_loss", "train_eval_ppl", "overfit_gap", "train_loss")
@@ -63,14 +63,16 @@ report_command.positional = True  # azgpt report RUN_DIR
 
 
 class RunReport(L.Callback):
-    """Writes the report (``write_report``) into the run's folder when fit ends, on rank zero."""
+    """Writes the report (``write_report``) into the run's folder when fit ends, on rank zero.
+
+    Under W&B this finishes the W&B run first: W&B writes its run file only then (see ``loggers.flush``).
+    """
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = trainer_run_dir(trainer)
         if not trainer.is_global_zero or folder is None:
             return
-        for logger in trainer.loggers:
-            logger.save()  # flush what is buffered, so the files hold the last steps
+        flush(trainer)  # so the files hold the last steps
         try:
             png, md = write_report(folder)
         except AzGPTError as exc:  # e.g. a logger azgpt cannot read back: the run itself is fine
