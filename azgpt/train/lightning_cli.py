@@ -106,6 +106,19 @@ class AzGPTCLI(LightningCLI):
         if patience is not None and (isinstance(patience, bool) or patience < 1):
             raise AzGPTError(f"early_stopping must be a positive number of validations or null, got {patience}")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ModuleNotFoundError, ValueError) as exc:  # e.g. a logger whose package is missing
+            missing = exc
+            while missing is not None and not isinstance(missing, ModuleNotFoundError):
+                missing = missing.__cause__ or missing.__context__  # jsonargparse wraps it in a ValueError
+            if missing is None:
+                raise
+            extra = next((name for name in ("wandb", "mlflow") if name in str(missing)), None)
+            hint = f"pip install 'azgpt[{extra}]'" if extra else "install the package it names"
+            raise AzGPTError(f"{missing}; for azgpt: {hint}") from None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer ``build_trainer`` would make: azgpt's plugins and callbacks unless the config has its own."""
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]

@@ -97,3 +97,15 @@ def test_wandb_offline_gets_metrics_text_report_and_resume(tmp_path: Path, prepa
     assert fit(tmp_path, prepared_dir, WANDB_CONFIG, 6, "--ckpt_path", "last") == 0
     newest = max(tmp_path.glob("lightning_logs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     assert newest.parent.parent.name != run_id and checkpoint_step(newest) == 6
+
+
+def test_a_logger_whose_package_is_missing_names_the_pip_command(tmp_path: Path, prepared_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import lightning.pytorch.loggers.wandb as lightning_wandb
+    from lightning_utilities.core.imports import RequirementCache
+
+    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", RequirementCache("wandb>=999"))
+    assert fit(tmp_path, prepared_dir, WANDB_CONFIG, 3) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'azgpt[wandb]'" in err and "Traceback" not in err
