@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,23 +19,17 @@ from azgpt.train.checkpointing import checkpoint_folders
 from azgpt.train.history import read_history, wandb_records
 from tests.conftest import tiny_fit_args
 
-CSV_CONFIG = """\
-trainer:
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args:
-      save_dir: .
-      name: lightning_logs
-"""
-WANDB_CONFIG = """\
-trainer:
-  logger:
-    class_path: lightning.pytorch.loggers.WandbLogger
-    init_args:
-      save_dir: .
-      project: lightning_logs
-      offline: true
-"""
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_snippet(name: str) -> str:
+    """The README's config snippet for a logger (the tests run exactly what users are told to)."""
+    text = README.read_text(encoding="utf-8")
+    return re.search(rf"```yaml\n(# {name}:.*?)```", text, re.S).group(1)
+
+
+CSV_CONFIG = readme_snippet("csv.yaml")
+WANDB_CONFIG = readme_snippet("wandb.yaml")  # offline through WANDB_MODE, as the README says
 
 
 def fit(root: Path, data: Path, overlay: str, max_steps: int, *extra: str) -> int:
