@@ -56,6 +56,7 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb("azgpt.use.evaluate:evaluate_command",
                      "loss, perplexity and bits per byte of a checkpoint on any text, per file"),
     "export": Verb("azgpt.use.export:export_command", "write a checkpoint as a Hugging Face GPT-2 folder"),
+    "report": Verb("azgpt.train.report:report_command", "write report.png and report.md into a run's folder"),
 }
 
 
@@ -150,7 +151,9 @@ def build_parser(name: str, function: Callable[..., Any]):
     if options is not None:
         parser.add_class_arguments(options, fail_untyped=True, sub_configs=True)
     else:
-        parser.add_function_arguments(function, fail_untyped=True)
+        # A verb may take its required parameters as positionals (``azgpt report RUN_DIR``).
+        parser.add_function_arguments(function, fail_untyped=True,
+                                      as_positional=getattr(function, "positional", False))
     return parser
 
 

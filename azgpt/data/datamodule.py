@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
@@ -83,10 +84,14 @@ class FixedValBlocks(Dataset):
     def __len__(self) -> int:
         return self.padded_length
 
+    def start(self, index: int) -> int:
+        """Token offset of block ``index`` (< ``num_blocks``)."""
+        return index * self.block_size
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.padded_length:
             raise IndexError(f"validation block {index} out of range 0..{self.padded_length - 1}")
-        start = (index if index < self.num_blocks else 0) * self.block_size
+        start = self.start(index if index < self.num_blocks else 0)
         window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
         inputs, targets = window[:-1], window[1:]
         if index >= self.num_blocks:
@@ -107,6 +112,19 @@ def _check_id_range(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
             raise AzGPTError(f"{path} holds token id {int(tokens[where])} at position {where:,}, outside the "
                              f"vocabulary of {vocab_size} in meta.json: the file was not written by azgpt prepare "
                              f"with this tokenizer; prepare the folder again")
+
+
+class FixedTrainBlocks(FixedValBlocks):
+    """``num_blocks`` windows spread evenly over train.npy, the same every time: the training data as the model
+    is evaluated on it (eval mode, no dropout), comparable with the validation blocks."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, num_blocks: int, num_replicas: int = 1) -> None:
+        super().__init__(tokens, block_size, num_blocks, num_replicas)
+        last_start = len(tokens) - 1 - block_size
+        self._spacing = last_start / max(1, self.num_blocks - 1)
+
+    def start(self, index: int) -> int:
+        return int(index * self._spacing)
 
 
 class AzGPTDataModule(L.LightningDataModule):
@@ -293,6 +311,12 @@ class AzGPTDataModule(L.LightningDataModule):
         replicas, _ = self._data_parallel()
         return FixedValBlocks(self._val, self.block_size, self.val_max_blocks, num_replicas=replicas)
 
+    def train_eval_dataset(self) -> FixedTrainBlocks:
+        """As many fixed training blocks as validation uses, for ``train_eval_loss``."""
+        self._require_setup()
+        replicas, _ = self._data_parallel()
+        return FixedTrainBlocks(self._train, self.block_size, self.val_dataset().num_blocks, num_replicas=replicas)
+
     def _generator(self) -> torch.Generator:
         # Each DataLoader iterator draws a seed; from its own generator it leaves the global RNG (dropout) alone,
         # so validations and resumes do not shift the dropout masks of later steps.
@@ -302,8 +326,13 @@ class AzGPTDataModule(L.LightningDataModule):
         return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), generator=self._generator())
 
-    def val_dataloader(self) -> DataLoader:
-        dataset = self.val_dataset()
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation blocks; while fitting, also the fixed training blocks (``train_eval_loss``)."""
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return [self._eval_loader(self.val_dataset()), self._eval_loader(self.train_eval_dataset())]
+        return self._eval_loader(self.val_dataset())
+
+    def _eval_loader(self, dataset: FixedValBlocks) -> DataLoader:
         replicas, rank = self._data_parallel()
         # Our own DistributedSampler over the padded list: Lightning keeps any DistributedSampler it finds,
         # whatever trainer.use_distributed_sampler says, while its default one would pad with duplicates.

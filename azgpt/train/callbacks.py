@@ -14,13 +14,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import AzGPTError
 from azgpt.sampling import Generator, Sampling
+from azgpt.train.loggers import can_hold_text, log_text
 from azgpt.train.precision import measure_matmul_flops, precision_dtype, synchronize
 from azgpt.data.tokenizer import tokenizer_from_json
 
 
 class TrainingSpeed(L.Callback):
-    """Logs ``tokens_per_sec`` and, where the device's peak is known, ``mfu`` once per optimizer step,
-    and prints the run's wall time and throughput when training ends.
+    """Logs ``tokens_per_sec``, ``tokens`` (trained so far) and, where the device's peak is known, ``mfu``
+    once per logged optimizer step, and prints the run's wall time and throughput when training ends.
 
     Written here rather than using ``ThroughputMonitor`` because that one plots against micro-batches,
     not optimizer steps, so its curves do not line up with the loss under gradient accumulation.
@@ -83,7 +84,9 @@ class TrainingSpeed(L.Callback):
         elapsed = self._window_seconds + now - self._window_start
         self._train_seconds += elapsed
         rate = self._window_tokens / max(elapsed, 1e-9)
-        metrics = {"tokens_per_sec": rate}
+        # Tokens trained so far (resumed runs included), for the report's tokens and epochs.
+        metrics = {"tokens_per_sec": rate,
+                   "tokens": float(trainer.global_step * tokens * trainer.accumulate_grad_batches)}
         if self.peak_flops and self._flops_per_token:
             metrics["mfu"] = rate * self._flops_per_token / (self.peak_flops * trainer.world_size)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
@@ -140,8 +143,8 @@ class TextSamples(L.Callback):
     """After each validation, continues a few fixed prompts and logs them as TensorBoard text.
 
     The same seed every time, so what changes between steps is the model, not the dice. Every rank generates
-    (a sharded model needs all ranks for a forward pass) but only rank zero writes. Loggers without
-    ``add_text`` (e.g. CSV) are skipped.
+    (a sharded model needs all ranks for a forward pass) but only rank zero writes, to every logger that
+    holds text (TensorBoard's Text tab, a W&B table, ``text.csv`` beside CSVLogger's metrics).
 
     Args:
         prompts: texts to continue, one TensorBoard tag each (``samples/0``, ``samples/1``, ...).
@@ -163,16 +166,12 @@ class TextSamples(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        writers = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_text")]
         tokenizer_json = getattr(pl_module, "tokenizer_json", None)
-        if not writers or tokenizer_json is None:
+        if not any(can_hold_text(logger) for logger in trainer.loggers) or tokenizer_json is None:
             return
         samples = self._generate(pl_module.model, tokenizer_json)
-        if trainer.is_global_zero:
-            for i, (prompt, continuation) in enumerate(zip(self.prompts, samples)):
-                text = f"**{_markdown(prompt)}**{_markdown(continuation)}"
-                for writer in writers:
-                    writer.add_text(f"samples/{i}", text, global_step=trainer.global_step)
+        for i, (prompt, continuation) in enumerate(zip(self.prompts, samples)):
+            log_text(trainer, f"samples/{i}", f"**{_markdown(prompt)}**{_markdown(continuation)}")
 
     def _generate(self, model: torch.nn.Module, tokenizer_json: str) -> list[str]:
         if self._tokenizer is None or self._tokenizer[0] != tokenizer_json:

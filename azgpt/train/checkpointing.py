@@ -317,6 +317,9 @@ def checkpoint_folders(trainer: Mapping[str, Any]) -> list[Path]:
     args = (logger.get("init_args") or {}) if isinstance(logger, Mapping) else {}
     base = Path(str(args.get("save_dir") or args.get("root_dir") or root))
     name = args.get("name", "lightning_logs")
+    if isinstance(logger, Mapping) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+        # W&B's "name" is the run's display name; Lightning files checkpoints under the project, then the run id.
+        name = args.get("project") or os.environ.get("WANDB_PROJECT") or "lightning_logs"
     base = base / str(name) if name else base
     version = args.get("version")
     if version is not None:

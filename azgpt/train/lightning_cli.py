@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from azgpt.data.datamodule import AzGPTDataModule
@@ -78,6 +79,9 @@ class AzGPTCLI(LightningCLI):
         parser.add_argument("--val_every_n_steps", type=int | None, default=None,
                             help="Validate every N optimizer steps (sets trainer.val_check_interval to "
                                  "N * accumulate_grad_batches, since Lightning counts micro-batches).")
+        parser.add_argument("--early_stopping", type=int | None, default=None,
+                            help="Stop when val_loss has not improved for this many validations "
+                                 "(Lightning's EarlyStopping; null: never stop early).")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning replaces the model's config with the checkpoint's hyperparameters here; refuse rather
@@ -98,6 +102,22 @@ class AzGPTCLI(LightningCLI):
                 raise AzGPTError(f"val_every_n_steps must be a positive integer, got {every}")
             trainer.val_check_interval = every * (trainer.accumulate_grad_batches or 1)
             trainer.check_val_every_n_epoch = None
+        patience = config.get("early_stopping")
+        if patience is not None and (isinstance(patience, bool) or patience < 1):
+            raise AzGPTError(f"early_stopping must be a positive number of validations or null, got {patience}")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ModuleNotFoundError, ValueError) as exc:  # e.g. a logger whose package is missing
+            missing = exc
+            while missing is not None and not isinstance(missing, ModuleNotFoundError):
+                missing = missing.__cause__ or missing.__context__  # jsonargparse wraps it in a ValueError
+            if missing is None:
+                raise
+            extra = next((name for name in ("wandb", "mlflow") if name in str(missing)), None)
+            hint = f"pip install 'azgpt[{extra}]'" if extra else "install the package it names"
+            raise AzGPTError(f"{missing}; for azgpt: {hint}") from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer ``build_trainer`` would make: azgpt's plugins and callbacks unless the config has its own."""
@@ -105,7 +125,11 @@ class AzGPTCLI(LightningCLI):
         defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks",
                                                                           "enable_progress_bar")})
         kwargs.setdefault("plugins", defaults["plugins"])
-        kwargs.setdefault("callbacks", defaults["callbacks"])
+        callbacks = defaults["callbacks"]
+        patience = self.config[self.subcommand].get("early_stopping") if self.subcommand else None
+        if patience is not None and self.subcommand == "fit":
+            callbacks = [*callbacks, EarlyStopping(monitor="val_loss", mode="min", patience=patience)]
+        kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod

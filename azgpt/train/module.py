@@ -123,6 +123,9 @@ class AzGPT(L.LightningModule):
         self.val_nll = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
         self.val_tokens = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
         self.val_bytes = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
+        # The same reduction over fixed training blocks (a second validation loader while fitting).
+        self.train_eval_nll = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.train_eval_tokens = SumMetric(nan_strategy="disable").set_dtype(torch.float64)
         self.register_buffer("byte_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
@@ -158,7 +161,7 @@ class AzGPT(L.LightningModule):
             lengths = token_byte_lengths(tokenizer_from_json(self.tokenizer_json))
             self.byte_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if self._trainer is not None and self.trainer.strategy.root_device.type == "mps":
-            for metric in (self.val_nll, self.val_tokens, self.val_bytes):
+            for metric in self._eval_sums():
                 metric.set_dtype(torch.float32)  # MPS has no float64
 
     @staticmethod
@@ -230,7 +233,10 @@ class AzGPT(L.LightningModule):
 
     # -- evaluation: total NLL / total tokens over every batch and rank --------------------------------
 
-    def _evaluate_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _eval_sums(self) -> tuple[SumMetric, ...]:
+        return (self.val_nll, self.val_tokens, self.val_bytes, self.train_eval_nll, self.train_eval_tokens)
+
+    def _evaluate_batch(self, batch: tuple[torch.Tensor, torch.Tensor], on_train_blocks: bool = False) -> None:
         inputs, targets = batch
         logits, _ = self.model(inputs)
         targets = targets.reshape(-1)
@@ -238,6 +244,10 @@ class AzGPT(L.LightningModule):
         token_nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets, ignore_index=PAD_TARGET,
                                     reduction="none")
         dtype = self.val_nll.dtype
+        if on_train_blocks:
+            self.train_eval_nll.update(token_nll.to(dtype).sum())
+            self.train_eval_tokens.update(counted.sum().to(dtype))
+            return
         self.val_nll.update(token_nll.to(dtype).sum())
         self.val_tokens.update(counted.sum().to(dtype))
         if self.byte_lengths.numel():
@@ -250,12 +260,17 @@ class AzGPT(L.LightningModule):
         metrics = {"val_loss": loss, "val_ppl": torch.exp(loss)}
         if self.byte_lengths.numel():
             metrics["val_bpb"] = nll / (math.log(2) * self.val_bytes.compute())
-        self.log_dict(metrics, prog_bar=True)
-        for metric in (self.val_nll, self.val_tokens, self.val_bytes):
+        self.log_dict(metrics, prog_bar=True, add_dataloader_idx=False)
+        if self.train_eval_tokens.update_called:  # only while fitting: the training blocks are a second loader then
+            train_loss = self.train_eval_nll.compute() / self.train_eval_tokens.compute()
+            self.log_dict({"train_eval_loss": train_loss, "train_eval_ppl": torch.exp(train_loss),
+                           "overfit_gap": loss - train_loss}, add_dataloader_idx=False)
+        for metric in self._eval_sums():
             metric.reset()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate_batch(batch)
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        self._evaluate_batch(batch, on_train_blocks=dataloader_idx == 1)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation()

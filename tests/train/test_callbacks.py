@@ -60,6 +60,7 @@ def test_logs_tokens_per_sec_and_mfu_on_logged_steps_only() -> None:
     for _, metrics in logged:
         assert metrics["tokens_per_sec"] > 0
         assert 0 < metrics["mfu"] < 1
+    assert [m["tokens"] for _, m in logged] == [2 * 2 * 2 * 8, 4 * 2 * 2 * 8]  # trained so far
     assert speed._tokens == 4 * 2 * 2 * 8  # steps x accumulation x rows x block
 
 

@@ -1,0 +1,184 @@
+"""A run's logged curves read back from whichever logger wrote them: TensorBoard, CSVLogger or W&B (offline).
+
+Each backend is read with its own reader: TensorBoard's ``EventAccumulator``, Python's ``csv`` for CSVLogger's
+``metrics.csv`` and W&B's own record schema (``wandb.proto``) for the ``.wandb`` file of an offline run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from azgpt.errors import AzGPTError
+
+
+class Point(NamedTuple):
+    step: int
+    value: float
+    wall_time: float | None  # seconds since the epoch, where the backend records it
+
+
+@dataclass
+class RunHistory:
+    """Every scalar curve (tag -> points in step order) and text (tag -> (step, text)) of one run."""
+
+    source: str  # the file(s) it was read from, for the report
+    scalars: dict[str, list[Point]] = field(default_factory=dict)
+    texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    wall_seconds: float | None = None
+
+    def curve(self, tag: str) -> list[Point]:
+        return self.scalars.get(tag, [])
+
+    def add(self, tag: str, step: int, value: float, wall_time: float | None = None) -> None:
+        self.scalars.setdefault(tag, []).append(Point(step, value, wall_time))
+
+    def finish(self) -> RunHistory:
+        for points in self.scalars.values():
+            points.sort(key=lambda p: p.step)
+        times = [p.wall_time for points in self.scalars.values() for p in points if p.wall_time is not None]
+        if self.wall_seconds is None and times:
+            self.wall_seconds = max(times) - min(times)
+        return self
+
+
+def read_history(run_dir: str | Path) -> RunHistory:
+    """The curves of the run in ``run_dir`` (a TensorBoard or CSVLogger version folder, the checkpoint folder's
+    parent of a W&B run, or a W&B offline run folder); ``AzGPTError`` if it holds no run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AzGPTError(f"{run_dir} is not a folder: pass a run folder such as lightning_logs/version_0")
+    if any(run_dir.glob("events.out.tfevents.*")):
+        return _read_tensorboard(run_dir)
+    if (run_dir / "metrics.csv").is_file():
+        return _read_csv(run_dir)
+    wandb_file = _find_wandb_file(run_dir)
+    if wandb_file is not None:
+        return _read_wandb(wandb_file)
+    raise AzGPTError(f"{run_dir} holds no run: no TensorBoard events.out.tfevents.* file, no CSVLogger "
+                     f"metrics.csv and no W&B .wandb file; pass a run folder such as lightning_logs/version_0")
+
+
+def _read_tensorboard(run_dir: Path) -> RunHistory:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    history = RunHistory(source=f"TensorBoard events in {run_dir}")
+    tags = events.Tags()
+    for tag in tags["scalars"]:
+        for event in events.Scalars(tag):
+            history.add(tag, event.step, event.value, event.wall_time)
+    for tag in tags["tensors"]:
+        if tag.endswith("/text_summary"):
+            history.texts[tag.removesuffix("/text_summary")] = [
+                (e.step, e.tensor_proto.string_val[0].decode("utf-8")) for e in events.Tensors(tag)]
+    return history.finish()
+
+
+def _read_csv(run_dir: Path) -> RunHistory:
+    history = RunHistory(source=f"CSVLogger's {run_dir / 'metrics.csv'}")
+    with (run_dir / "metrics.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.pop("step")))
+            for tag, value in row.items():
+                if value not in ("", None) and tag != "epoch":
+                    history.add(tag, step, float(value))
+    text_file = run_dir / "text.csv"
+    if text_file.is_file():
+        with text_file.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                history.texts.setdefault(row["tag"], []).append((int(row["step"]), row["text"]))
+    # CSVLogger keeps no clock: from the config LightningCLI writes at the start to the last metrics written.
+    started = [p.stat().st_mtime for p in (run_dir / "config.yaml", run_dir / "hparams.yaml") if p.is_file()]
+    if started:
+        history.wall_seconds = (run_dir / "metrics.csv").stat().st_mtime - min(started)
+    return history.finish()
+
+
+def _find_wandb_file(run_dir: Path) -> Path | None:
+    """The ``run-<id>.wandb`` of a W&B run: in ``run_dir`` itself, or, for the folder Lightning files its
+    checkpoints in (``<save_dir>/<project>/<id>``), in ``<save_dir>/wandb/*-<id>/``."""
+    found = sorted(run_dir.glob("run-*.wandb"))
+    if not found and len(run_dir.parents) >= 2:
+        found = sorted(run_dir.parents[1].glob(f"wandb/*-{run_dir.name}/run-{run_dir.name}.wandb"))
+    return found[-1] if found else None
+
+
+# W&B writes its records in LevelDB's log format (32 KiB blocks of CRC-framed chunks) after a 7-byte header;
+# wandb >= 0.19 reads it only in its Go core, so the framing is undone here and each record parsed with
+# wandb's own protobuf schema.
+_BLOCK = 32768
+_CHUNK_HEADER = struct.Struct("<IHB")  # crc32c, length, type (1 full, 2 first, 3 middle, 4 last)
+_FILE_HEADER = b":W&B"
+
+
+def wandb_records(path: Path) -> list:
+    """Every record of a ``.wandb`` file, as ``wandb.proto.wandb_internal_pb2.Record`` messages."""
+    try:
+        from wandb.proto import wandb_internal_pb2
+    except ImportError:
+        raise AzGPTError(f"{path} is a Weights & Biases run: pip install 'azgpt[wandb]' to read it") from None
+    data = path.read_bytes()
+    if not data.startswith(_FILE_HEADER):
+        raise AzGPTError(f"{path} is not a W&B run file (it does not start with {_FILE_HEADER!r})")
+    records, pieces, pos = [], [], 7
+    while pos + _CHUNK_HEADER.size <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK_HEADER.size:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = _CHUNK_HEADER.unpack_from(data, pos)
+        pos += _CHUNK_HEADER.size
+        if kind == 0:  # zero padding up to the end of the block
+            pos += left - _CHUNK_HEADER.size
+            continue
+        pieces.append(data[pos:pos + length])
+        pos += length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(pieces))
+            records.append(record)
+            pieces = []
+    return records
+
+
+def _read_wandb(path: Path) -> RunHistory:
+    history = RunHistory(source=f"W&B run file {path}")
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+        step = row.pop("trainer/global_step", None)
+        wall_time = row.get("_timestamp")
+        if step is None:
+            continue
+        # A table (what log_text writes) arrives flattened: <tag>/_type, <tag>/path, <tag>/nrows, ...
+        tables = [k.removesuffix("/_type") for k, v in row.items() if k.endswith("/_type") and v == "table-file"]
+        for tag in tables:
+            history.texts.setdefault(tag, []).append((int(step), _wandb_table_text(path, row.get(f"{tag}/path"))))
+        for tag, value in row.items():
+            if tag.startswith("_") or tag == "epoch" or any(tag.startswith(f"{t}/") for t in tables):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                history.add(tag, int(step), float(value), wall_time)
+    return history.finish()
+
+
+def _wandb_table_text(run_file: Path, relative: str | None) -> str:
+    """The text column of a table ``log_text`` wrote (stored beside the run file under files/)."""
+    table = run_file.parent / "files" / (relative or "")
+    try:
+        content = json.loads(table.read_text(encoding="utf-8"))
+        return "\n".join(str(row[-1]) for row in content.get("data", []))
+    except (OSError, ValueError):
+        return ""
+
+
+def finite(points: list[Point]) -> list[Point]:
+    return [p for p in points if math.isfinite(p.value)]

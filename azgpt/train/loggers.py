@@ -1,0 +1,81 @@
+"""What azgpt writes through any Lightning logger: text (samples, alerts) and the run's folder.
+
+TensorBoard stays the default; Weights & Biases and CSVLogger get every feature too. Lightning's ``Logger``
+interface has scalars only, so text goes to each backend its own way here.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+TEXT_FILE = "text.csv"  # where text goes under CSVLogger, beside its metrics.csv
+
+
+def run_dir(trainer: L.Trainer) -> Path | None:
+    """The run's folder: where Lightning puts ``checkpoints/`` and azgpt its report (None without a logger).
+
+    The same rule as Lightning's ``ModelCheckpoint``: ``<save_dir>/<name>/<version>``; TensorBoard and CSV name
+    it ``log_dir``, W&B has no such property (its name is the project, its version the run id).
+    """
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    if getattr(logger, "log_dir", None):
+        return Path(logger.log_dir)
+    save_dir = logger.save_dir or trainer.default_root_dir
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(save_dir) / str(logger.name) / version
+
+
+def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
+    """Write ``text`` under ``tag`` at the current step to every logger that can hold text (rank zero only).
+
+    TensorBoard: its Text tab (markdown). W&B: a table with a step and a text column. CSV: a row of
+    ``text.csv`` (step, tag, text) in the run folder. Other loggers: skipped.
+    """
+    if not trainer.is_global_zero:
+        return
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            _append_csv(Path(logger.log_dir) / TEXT_FILE, step, tag, text)
+        elif _is_wandb(logger):
+            logger.log_text(key=tag, columns=["step", "text"], data=[[str(step), text]])
+        elif hasattr(logger.experiment, "add_text"):
+            logger.experiment.add_text(tag, text, global_step=step)
+
+
+def flush(trainer: L.Trainer) -> None:
+    """Put everything logged so far into the loggers' files, for the report at the end of fit.
+
+    W&B keeps its records in memory until the run finishes, so its run is finished here (fit is over; a later
+    ``trainer.test`` under W&B needs a new ``WandbLogger``).
+    """
+    for logger in trainer.loggers:
+        if _is_wandb(logger):
+            logger.experiment.finish()
+        else:
+            logger.save()
+
+
+def can_hold_text(logger: Logger) -> bool:
+    """Whether ``log_text`` writes anything to ``logger``."""
+    return isinstance(logger, CSVLogger) or _is_wandb(logger) or hasattr(logger.experiment, "add_text")
+
+
+def _is_wandb(logger: Logger) -> bool:
+    return type(logger).__name__ == "WandbLogger"  # no import: wandb is an optional extra
+
+
+def _append_csv(path: Path, step: int, tag: str, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "tag", "text"])
+        writer.writerow([step, tag, text])
