@@ -37,7 +37,7 @@ class Verb:
 
     target: str  # "module:function"; empty for LightningCLI's own verbs
     summary: str
-    raw_argv: bool = False  # the function takes the verb's arguments as they are (a LightningCLI of its own)
+    raw_argv: bool = False  # a LightningCLI of its own: the function takes the arguments as they are
 
     def load(self) -> Callable[..., int]:
         module, _, name = self.target.partition(":")
@@ -53,7 +53,7 @@ VERBS: dict[str, Verb] = {
     "test": Verb(LIGHTNING, "the same metrics as validate, logged as a test run"),
     "generate": Verb("azgpt.use.generate:generate_command", "continue a prompt with a trained model"),
     "export": Verb("azgpt.use.export:export_command", "write a checkpoint as a Hugging Face GPT-2 folder"),
-    "finetune": Verb("azgpt.train.finetune:finetune_command", "fine-tune a checkpoint on instruction jsonl "
+    "finetune": Verb("azgpt.train.finetune:run_finetune_cli", "fine-tune a checkpoint on instruction jsonl "
                      "(LightningCLI like fit: --config finetune.yaml --model.init_from CKPT)", raw_argv=True),
     "chat": Verb("azgpt.use.chat:chat_command", "talk with a model in the terminal (its chat template if fine-tuned)"),
 }
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if VERBS[name].target == LIGHTNING:
             return run_training(argv)
         if VERBS[name].raw_argv:
-            return VERBS[name].load()(argv[1:])
+            return run_training(argv[1:], runner=VERBS[name].load())
         return run_verb(name, argv[1:])
     except TrainingInterrupted as exc:
         print(f"azgpt: {exc}", file=sys.stderr)

@@ -18,10 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from azgpt.checkpoint import load_checkpoint
 from azgpt.data.chat import DEFAULT_TEMPLATE, ChatTemplate, read_conversations, sample_instructions_path
 from azgpt.data.datamodule import PAD_TARGET, block_offsets
-from azgpt.data.tokenizer import tokenizer_sha256
+from azgpt.data.tokenizer import tokenizer_from_json, tokenizer_sha256
 from azgpt.errors import AzGPTError
 
 Example = tuple[list[int], list[int]]  # (input ids, target ids) of one conversation
@@ -91,8 +90,10 @@ class InstructionDataModule(L.LightningDataModule):
     """Instruction conversations for supervised fine-tuning.
 
     Args:
-        init_from: the pretrained checkpoint being fine-tuned (linked from ``model.init_from``): its tokenizer,
-            extended with the chat template's tokens, and its block size are used.
+        tokenizer_json: the model's tokenizer, chat template tokens included (``azgpt finetune`` links it from
+            the model: ``AzGPTFinetune.tokenizer_json``).
+        block_size: the model's context length (linked from ``model.block_size``).
+        chat_template: the template to render with (``ChatTemplate.to_dict()``; linked from the model).
         files: jsonl files of ``{"prompt", "response"}`` or ``{"messages": [...]}`` lines; None means the
             Azerbaijani sample shipped with azgpt.
         batch_size: conversations per micro-batch (per device).
@@ -101,23 +102,27 @@ class InstructionDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
-    def __init__(self, init_from: str, files: list[str] | None = None, batch_size: int = 16, seed: int = 1337,
-                 val_fraction: float = 0.1, num_workers: int = 0) -> None:
+    def __init__(self, tokenizer_json: str | None = None, block_size: int | None = None,
+                 chat_template: dict | None = None, files: list[str] | None = None, batch_size: int = 16,
+                 seed: int = 1337, val_fraction: float = 0.1, num_workers: int = 0) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise AzGPTError(f"data.batch_size must be a positive integer, got {batch_size!r}")
         if not 0.0 < val_fraction < 1.0:
             raise AzGPTError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
-        self.init_from = init_from
+        if tokenizer_json is None or block_size is None:
+            raise AzGPTError("InstructionDataModule needs the model's tokenizer_json and block_size (azgpt finetune "
+                             "links them from model.init_from's checkpoint)")
+        self.template = ChatTemplate.from_dict(chat_template) if chat_template else DEFAULT_TEMPLATE
+        self.tokenizer = self.template.add_to_tokenizer(tokenizer_from_json(tokenizer_json, "the model"))
+        self.block_size = block_size
         self.files = [Path(f) for f in files] if files else [sample_instructions_path()]
         self.batch_size = batch_size
         self.seed = seed
         self.val_fraction = val_fraction
         self.num_workers = num_workers
-        self.template: ChatTemplate = DEFAULT_TEMPLATE
-        self.tokenizer_json: str | None = None  # read by AzGPT.setup, which checks it matches the model's
+        self.tokenizer_json = self.tokenizer.to_str()  # AzGPT.setup checks it is the model's
         self.meta: dict | None = None
-        self.block_size = 0
         self.pad_id = 0
         self._train: list[Example] = []
         self._val: list[Example] = []
@@ -125,9 +130,7 @@ class InstructionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.meta is not None:
             return
-        base = load_checkpoint(self.init_from)
-        tokenizer = self.template.add_to_tokenizer(base.tokenizer)
-        self.block_size = base.config.block_size
+        tokenizer = self.tokenizer
         self.pad_id = self.template.token_ids(tokenizer)["eot"]
         conversations = read_conversations(self.files)
         examples = [make_example(*self.template.encode(tokenizer, messages), self.block_size)
@@ -143,7 +146,6 @@ class InstructionDataModule(L.LightningDataModule):
         n_val = min(len(kept) - 1, max(1, round(len(kept) * self.val_fraction)))
         self._val = [kept[i] for i in sorted(order[:n_val])]
         self._train = [kept[i] for i in sorted(order[n_val:])]
-        self.tokenizer_json = tokenizer.to_str()
         self.meta = self._summary(tokenizer)
         rank_zero_info(f"azgpt finetune: {len(self._train)} training and {len(self._val)} validation conversations "
                        f"from {', '.join(map(str, self.files))} ({self.meta['splits']['train']['tokens']:,} "

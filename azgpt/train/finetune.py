@@ -92,11 +92,19 @@ class AzGPTFinetune(AzGPT):
         self.tokenizer_json = tokenizer.to_str()
         self.chat_template = DEFAULT_TEMPLATE.to_dict()
 
+    @property
+    def block_size(self) -> int:
+        """The context length, taken from the base checkpoint (the fine-tune's data is cut to it)."""
+        return self.config.block_size
+
 
 class FinetuneCLI(AzGPTCLI):
-    """``fit`` of AzGPTFinetune on InstructionDataModule: the data reads the tokenizer of ``model.init_from``."""
+    """``fit`` of AzGPTFinetune on InstructionDataModule, which gets the model's tokenizer (template tokens
+    included), block size and template once the model is built from ``model.init_from``."""
 
-    links = (("model.init_from", "data.init_from"),)
+    links = (("model.tokenizer_json", "data.tokenizer_json", "instantiate"),
+             ("model.block_size", "data.block_size", "instantiate"),
+             ("model.chat_template", "data.chat_template", "instantiate"))
 
     def _parse_ckpt_path(self) -> None:
         # On resume the fine-tune's own hyperparameters (the resolved architecture) replace the config's.
@@ -109,9 +117,3 @@ def run_finetune_cli(argv: list[str]) -> FinetuneCLI:
     """``azgpt finetune ARGS`` as ``fit ARGS`` of FinetuneCLI (``--help`` and ``--print_config`` work too)."""
     return run_lightning_cli(["fit", *argv], FinetuneCLI, AzGPTFinetune, InstructionDataModule)
 
-
-def finetune_command(argv: list[str]) -> int:
-    """Entry of ``azgpt finetune`` (see azgpt/cli.py): exit codes as ``fit``'s."""
-    from azgpt.cli import run_training
-
-    return run_training(argv, runner=run_finetune_cli)

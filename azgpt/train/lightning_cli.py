@@ -75,8 +75,8 @@ class AzGPTCLI(LightningCLI):
     links = (("data.vocab_size", "model.vocab_size"), ("data.block_size", "model.block_size"))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in self.links:
-            parser.link_arguments(source, target)
+        for source, target, *when in self.links:  # (source, target[, "parse" or "instantiate"])
+            parser.link_arguments(source, target, apply_on=when[0] if when else "parse")
         parser.add_argument("--val_every_n_steps", type=int | None, default=None,
                             help="Validate every N optimizer steps (sets trainer.val_check_interval to "
                                  "N * accumulate_grad_batches, since Lightning counts micro-batches).")

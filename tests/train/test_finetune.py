@@ -12,7 +12,7 @@ from azgpt.checkpoint import load_checkpoint
 from azgpt.cli import main
 from azgpt.data.chat import DEFAULT_TEMPLATE, sample_instructions_path
 from azgpt.train.finetune import AzGPTFinetune, resize_token_embedding
-from azgpt.use.generate import Generator
+from azgpt.sampling import Generator
 from resume_helpers import read_final, read_losses
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -150,7 +150,7 @@ def overfit(tmp_path_factory, tiny_run) -> Path:
 def test_after_finetuning_replies_follow_the_template(overfit: Path) -> None:
     """Structure, not wording: a greedy reply is text ending with <|end|>, with no role token inside."""
     from azgpt.use.chat import ChatSession
-    from azgpt.use.generate import Sampling
+    from azgpt.sampling import Sampling
 
     session = ChatSession.from_checkpoint(overfit, device="cpu", sampling=Sampling(60, temperature=0.0))
     ids = DEFAULT_TEMPLATE.token_ids(session.generator.tokenizer)

@@ -14,7 +14,7 @@ from azgpt.data.chat import DEFAULT_TEMPLATE, Message
 from azgpt.errors import AzGPTError
 from azgpt.train.finetune import AzGPTFinetune
 from azgpt.use.chat import BASE_MODEL_NOTE, ChatSession, run_repl
-from azgpt.use.generate import Generator, Sampling
+from azgpt.sampling import Generator, Sampling
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
