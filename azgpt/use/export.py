@@ -21,6 +21,7 @@ from azgpt import __version__
 from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
+from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 
 # azgpt activation -> transformers' activation_function with the same formula
@@ -90,9 +91,13 @@ def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
     }
 
 
-def tokenizer_configs(block_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``PreTrainedTokenizerFast``."""
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+def tokenizer_configs(block_size: int, chat_template: ChatTemplate | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``PreTrainedTokenizerFast``; a fine-tuned
+    model's template becomes their ``chat_template`` (for ``apply_chat_template``) and extra special tokens."""
+    special: dict[str, Any] = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    if chat_template is not None:
+        special["additional_special_tokens"] = chat_template.special_tokens
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -100,6 +105,8 @@ def tokenizer_configs(block_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template.jinja()
     return config, special
 
 
@@ -182,7 +189,8 @@ def _metric_lines(metrics: dict[str, float]) -> list[str]:
     return [f"- {name} = {value:.4f}: {described.get(name, '')}".rstrip(": ") for name, value in metrics.items()]
 
 
-def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str) -> None:
+def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str,
+                    chat_template: ChatTemplate | None = None) -> None:
     """Write the Hugging Face files for ``model`` and ``tokenizer`` into ``out`` (created if needed)."""
     try:
         from safetensors.torch import save_file
@@ -194,7 +202,7 @@ def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str) -> N
     save_file(gpt2_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", gpt2_config(model, eot_id))
     tokenizer.save(str(out / "tokenizer.json"))
-    tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size)
+    tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size, chat_template)
     _write_json(out / "tokenizer_config.json", tokenizer_config)
     _write_json(out / "special_tokens_map.json", special_tokens)
     (out / "README.md").write_text(card, encoding="utf-8")
@@ -209,7 +217,9 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
         raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model("cpu")
-    write_hf_folder(model, checkpoint.tokenizer, out, model_card(checkpoint, model, out.resolve().name))
+    stored = checkpoint.chat_template
+    template = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
+    write_hf_folder(model, checkpoint.tokenizer, out, model_card(checkpoint, model, out.resolve().name), template)
     return out
 
 

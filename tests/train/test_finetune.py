@@ -162,3 +162,19 @@ def test_after_finetuning_replies_follow_the_template(overfit: Path) -> None:
         reply = tokens[: tokens.index(ids["end"])]
         assert reply and not special & set(reply)
         assert "".join(session.reply(question)) == session.generator.tokenizer.decode(reply)
+
+
+def test_export_gives_hugging_face_the_same_chat_template(finetuned: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from azgpt.data.chat import Message
+    from azgpt.use.export import export_checkpoint
+
+    folder = export_checkpoint(last_ckpt(finetuned), tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    messages = [Message("system", "Qısa cavab ver."), Message("user", "Salam!"), Message("assistant", "Salam.")]
+    rendered = hf.apply_chat_template([{"role": m.role, "content": m.content} for m in messages], tokenize=False,
+                                      add_generation_prompt=True)
+    assert rendered == DEFAULT_TEMPLATE.render(messages, add_generation_prompt=True)
+    ours, _ = DEFAULT_TEMPLATE.encode(load_checkpoint(last_ckpt(finetuned)).tokenizer, messages,
+                                      add_generation_prompt=True)
+    assert hf(rendered, add_special_tokens=False)["input_ids"] == ours
