@@ -152,16 +152,13 @@ class InstructionDataModule(L.LightningDataModule):
                        f"response tokens to learn from)")
 
     def _summary(self, tokenizer) -> dict:
-        """meta.json's shape, so AzGPT records what it was fine-tuned on like it records pretraining data."""
+        """meta.json's shape, so AzGPT records what it was fine-tuned on as it records pretraining data."""
         def counted(examples: list[Example]) -> int:
             return sum(sum(t != PAD_TARGET for t in targets) for _, targets in examples)
-        return {"source": [str(f) for f in self.files], "normalization": "chat template " + self.template.to_dict()[
-                    "format"], "tokenizer_sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.get_vocab_size(),
-                "splits": {"train": {"tokens": counted(self._train)}, "val": {"tokens": counted(self._val)}}}
 
-    def conversations(self, split: str) -> list[Example]:
-        self.setup()
-        return self._train if split == "train" else self._val
+        return {"source": [str(f) for f in self.files], "normalization": self.template.to_dict()["format"],
+                "tokenizer_sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.get_vocab_size(),
+                "splits": {"train": {"tokens": counted(self._train)}, "val": {"tokens": counted(self._val)}}}
 
     def _data_parallel(self) -> tuple[int, int]:
         trainer = self.trainer
