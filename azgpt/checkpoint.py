@@ -97,6 +97,10 @@ class Checkpoint:
         """The ``checkpoint["azgpt"]`` entry: tokenizer, and where present the data and last val metrics."""
         return self.raw.get(CHECKPOINT_KEY) or {}
 
+    @property
+    def chat_template(self) -> dict[str, Any] | None:
+        """The stored chat template of a fine-tuned model (see ``azgpt_entry``); None for a base model."""
+        return self.summary.get("chat_template")
 
 
 
@@ -153,10 +157,17 @@ def check_weights(path: Path, config: GPTConfig, weights: dict[str, Any]) -> Non
 
 
 def azgpt_entry(tokenizer_json: str | None, data: dict[str, Any] | None, metrics: dict[str, float],
-                rng: dict[str, Any], micro_batch: int) -> dict[str, Any]:
-    """The ``checkpoint["azgpt"]`` entry: everything beyond Lightning's own state that using or resuming needs."""
-    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_json, "data": data, "metrics": metrics,
-            "rng": rng, "micro_batch": micro_batch}
+                rng: dict[str, Any], micro_batch: int, chat_template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``checkpoint["azgpt"]`` entry: everything beyond Lightning's own state that using or resuming needs.
+
+    ``chat_template`` (``ChatTemplate.to_dict()``, azgpt/data/chat.py) is there once a model is fine-tuned with
+    ``azgpt finetune``; a base model, and any checkpoint older than it, has none.
+    """
+    entry = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_json, "data": data, "metrics": metrics,
+             "rng": rng, "micro_batch": micro_batch}
+    if chat_template is not None:
+        entry["chat_template"] = chat_template
+    return entry
 
 
 def upgrade_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class Verb:
 
     target: str  # "module:function"; empty for LightningCLI's own verbs
     summary: str
+    raw_argv: bool = False  # a LightningCLI of its own: the function takes the arguments as they are
 
     def load(self) -> Callable[..., int]:
         module, _, name = self.target.partition(":")
@@ -57,6 +58,9 @@ VERBS: dict[str, Verb] = {
                      "loss, perplexity and bits per byte of a checkpoint on any text, per file"),
     "export": Verb("azgpt.use.export:export_command", "write a checkpoint as a Hugging Face GPT-2 folder"),
     "report": Verb("azgpt.train.report:report_command", "write report.png and report.md into a run's folder"),
+    "finetune": Verb("azgpt.train.finetune:run_finetune_cli", "fine-tune a checkpoint on instruction jsonl "
+                     "(LightningCLI like fit: --config finetune.yaml --model.init_from CKPT)", raw_argv=True),
+    "chat": Verb("azgpt.use.chat:chat_command", "talk with a model in the terminal (its chat template if fine-tuned)"),
 }
 
 
@@ -178,13 +182,14 @@ def run_verb(name: str, argv: list[str]) -> int:
 # -- fit / validate / test ----------------------------------------------------------------------------
 
 
-def run_training(argv: list[str]) -> int:
+def run_training(argv: list[str], runner: Callable[[list[str]], Any] | None = None) -> int:
+    """Run a LightningCLI (``runner``; default fit/validate/test's) on ``argv``: exit 0, or 143 after SIGTERM."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from azgpt.train.lightning_cli import run_lightning_cli
 
     try:
-        run_lightning_cli(argv)
+        (runner or run_lightning_cli)(argv)
     except SIGTERMException:  # Lightning's own stop (outside the training loop), which would exit 0
         print("azgpt: stopped by SIGTERM outside the training loop; no checkpoint was written", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if VERBS[name].target == LIGHTNING:
             return run_training(argv)
+        if VERBS[name].raw_argv:
+            return run_training(argv[1:], runner=VERBS[name].load())
         return run_verb(name, argv[1:])
     except TrainingInterrupted as exc:
         print(f"azgpt: {exc}", file=sys.stderr)

@@ -49,10 +49,11 @@ class Generator:
     The model is used as given (its device, dtype and train/eval mode); ``from_checkpoint`` puts it in eval mode.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, stop_ids: tuple[int, ...] = ()) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eot_id = tokenizer.token_to_id(EOT)
+        self.stop_ids = {self.eot_id, *stop_ids}  # generation ends at any of them (not yielded)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Generator:
@@ -60,7 +61,9 @@ class Generator:
         checkpoint = load_checkpoint(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(checkpoint.build_model(device), checkpoint.tokenizer)
+        template = checkpoint.chat_template  # a fine-tuned model: its reply also ends at the template's end token
+        stops = (checkpoint.tokenizer.token_to_id(template["end_token"]),) if template else ()
+        return cls(checkpoint.build_model(device), checkpoint.tokenizer, stops)
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +97,8 @@ class Generator:
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` (text or token ids) as text pieces, as soon as each is whole.
 
-        Stops at end-of-text (not yielded) or after ``max_new_tokens`` tokens. A prompt longer than the block
-        size is cropped from the left with a warning. ``seed`` makes sampling reproducible; ``use_cache=False``
+        Stops at end-of-text or another of ``stop_ids`` (not yielded) or after ``max_new_tokens`` tokens. A
+        prompt longer than the block size is cropped from the left with a warning. ``seed`` makes sampling reproducible; ``use_cache=False``
         recomputes every position each step (slow; for checking the KV cache).
         """
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
@@ -140,7 +143,7 @@ class Generator:
         new_ids: list[int] = []
         emitted = 0
         for token_id in token_ids:
-            if token_id == self.eot_id:
+            if token_id in self.stop_ids:
                 break
             new_ids.append(token_id)
             piece = stream.step(self.tokenizer, token_id)

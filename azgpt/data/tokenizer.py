@@ -198,6 +198,8 @@ def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:
     In byte-level BPE every character of a token's string stands for exactly one byte.
     """
     special = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    # and any special token added later, e.g. a chat template's <|user|> / <|end|> (azgpt/data/chat.py)
+    special |= {index for index, token in tokenizer.get_added_tokens_decoder().items() if token.special}
     lengths = [0] * tokenizer.get_vocab_size()
     for token, index in tokenizer.get_vocab().items():
         lengths[index] = 0 if index in special else len(token)

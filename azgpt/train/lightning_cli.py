@@ -73,9 +73,11 @@ class AzGPTCLI(LightningCLI):
             trainer = config.trainer.as_dict() if hasattr(config.trainer, "as_dict") else dict(config.trainer)
             config.ckpt_path = resolve_checkpoint(str(config.ckpt_path), checkpoint_folders(trainer))
 
+    links = (("data.vocab_size", "model.vocab_size"), ("data.block_size", "model.block_size"))
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.vocab_size", "model.vocab_size")
-        parser.link_arguments("data.block_size", "model.block_size")
+        for source, target, *when in self.links:  # (source, target[, "parse" or "instantiate"])
+            parser.link_arguments(source, target, apply_on=when[0] if when else "parse")
         parser.add_argument("--val_every_n_steps", type=int | None, default=None,
                             help="Validate every N optimizer steps (sets trainer.val_check_interval to "
                                  "N * accumulate_grad_batches, since Lightning counts micro-batches).")
@@ -138,7 +140,8 @@ class AzGPTCLI(LightningCLI):
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
 
-def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
+def run_lightning_cli(argv: list[str], cli_class: type[AzGPTCLI] = AzGPTCLI, model_class: type = AzGPT,
+                      datamodule_class: type = AzGPTDataModule) -> AzGPTCLI:
     """Run ``fit`` / ``validate`` / ``test`` (and ``--help`` / ``--print_config``) as on the command line."""
     # LightningCLI reads sys.argv (and DDP re-launches the script from it), so the resolved arguments go
     # there rather than into `args=`, which would warn that both are set.
@@ -148,6 +151,7 @@ def run_lightning_cli(argv: list[str]) -> AzGPTCLI:
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
     try:
-        return AzGPTCLI(AzGPT, AzGPTDataModule, seed_everything_default=1337, save_config_kwargs={"overwrite": True})
+        return cli_class(model_class, datamodule_class, seed_everything_default=1337,
+                         save_config_kwargs={"overwrite": True})
     finally:
         sys.argv = saved_argv

@@ -117,6 +117,7 @@ class AzGPT(L.LightningModule):
         self.model = GPT(self.config)
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
         self.data_summary: dict[str, Any] | None = None  # what it was trained on, for the exported model card
+        self.chat_template: dict[str, Any] | None = None  # set by azgpt finetune (azgpt/data/chat.py)
         # float64 sums: the total no longer depends on how blocks are split into batches and ranks.
         # nan_strategy "disable": a diverged model must report a NaN val_loss, not silently drop the NaN batches
         # (the default); it also skips a per-update device sync.
@@ -288,7 +289,7 @@ class AzGPT(L.LightningModule):
         if self._trainer is not None:  # the last validation's metrics, for the model card of an export
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val_")}
         checkpoint[CHECKPOINT_KEY] = azgpt_entry(self.tokenizer_json, self.data_summary, metrics,
-                                                 capture_rng_state(), self._micro_batches)
+                                                 capture_rng_state(), self._micro_batches, self.chat_template)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("hyper_parameters", {})
@@ -307,6 +308,7 @@ class AzGPT(L.LightningModule):
         else:
             self.tokenizer_json = carried.get("tokenizer") or self.tokenizer_json
             self.data_summary = carried.get("data") or self.data_summary
+        self.chat_template = carried.get("chat_template") or self.chat_template
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return

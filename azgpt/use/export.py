@@ -22,6 +22,7 @@ from azgpt.atomic import atomic_folder, create_exclusive, write_error
 from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
+from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 
 # azgpt activation -> transformers' activation_function with the same formula
@@ -91,9 +92,13 @@ def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
     }
 
 
-def tokenizer_configs(block_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``PreTrainedTokenizerFast``."""
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+def tokenizer_configs(block_size: int, chat_template: ChatTemplate | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``PreTrainedTokenizerFast``; a fine-tuned
+    model's template becomes their ``chat_template`` (for ``apply_chat_template``) and extra special tokens."""
+    special: dict[str, Any] = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    if chat_template is not None:
+        special["additional_special_tokens"] = chat_template.special_tokens
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -101,6 +106,8 @@ def tokenizer_configs(block_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template.jinja()
     return config, special
 
 
@@ -187,7 +194,8 @@ def _metric_lines(metrics: dict[str, float]) -> list[str]:
     return [f"- {name} = {value:.4f}: {described.get(name, '')}".rstrip(": ") for name, value in metrics.items()]
 
 
-def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str) -> None:
+def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str,
+                    chat_template: ChatTemplate | None = None) -> None:
     """Write the Hugging Face files for ``model`` and ``tokenizer`` into ``out`` (created if needed).
 
     Every file is written by Python (``safetensors.torch.save`` to bytes, the tokenizer as a string), so each
@@ -199,7 +207,7 @@ def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str) -> N
         raise AzGPTError("export needs the safetensors package: pip install 'azgpt[export]' "
                          "(or pip install safetensors)") from None
     eot_id = tokenizer.token_to_id(EOT)
-    tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size)
+    tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size, chat_template)
     contents = {
         "model.safetensors": save(gpt2_state_dict(model), metadata={"format": "pt"}),
         "config.json": _json_bytes(gpt2_config(model, eot_id)),
@@ -226,9 +234,11 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model("cpu")
     card = model_card(checkpoint, model, out.resolve().name)
+    stored = checkpoint.chat_template
+    template = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
     try:
         with atomic_folder(out, overwrite=overwrite) as folder:
-            write_hf_folder(model, checkpoint.tokenizer, folder, card)
+            write_hf_folder(model, checkpoint.tokenizer, folder, card, template)
     except OSError as exc:
         error = write_error(exc, out, "--out")
         if error is None:

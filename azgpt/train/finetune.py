@@ -1,0 +1,119 @@
+"""Supervised fine-tuning: AzGPT started from a pretrained checkpoint's weights, with the chat template's
+tokens added to its tokenizer and embedding, trained on instruction data (azgpt/data/instructions.py).
+
+It is a new run, not a resume: a fresh optimizer, schedule and step count. Everything else is fit's: the
+same LightningModule (loss, AdamW groups, NaN guard, validation metrics), Trainer defaults, checkpoints,
+``--ckpt_path last`` to resume a fine-tune, signals and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint
+from azgpt.data.chat import DEFAULT_TEMPLATE
+from azgpt.data.instructions import InstructionDataModule
+from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
+from azgpt.train.module import AzGPT, check_same_architecture
+
+EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tied tensor, listed under both names
+
+
+def resize_token_embedding(weight: torch.Tensor, rows: int, known_tokens: int, new_ids: list[int]) -> torch.Tensor:
+    """The token embedding grown (or kept) to ``rows`` rows: every old row is kept exactly except those of
+    ``new_ids``; rows of new tokens and new padding rows start at the mean of the ``known_tokens`` real
+    token rows, an "average token" whose logit starts at the level of a typical token's rather than
+    at a random one's (with a tied head, the embedding row is also the output row)."""
+    if rows < weight.size(0):
+        raise ValueError(f"cannot shrink the embedding from {weight.size(0)} to {rows} rows")
+    mean = weight[:known_tokens].mean(dim=0)
+    resized = mean.expand(rows, weight.size(1)).clone()
+    resized[: weight.size(0)] = weight
+    if new_ids:
+        resized[torch.tensor(new_ids)] = mean
+    return resized
+
+
+class AzGPTFinetune(AzGPT):
+    """AzGPT started from a pretrained checkpoint, its vocabulary grown by the chat template's tokens.
+
+    Args:
+        init_from: checkpoint written by ``azgpt fit`` (or a fine-tune) whose weights and tokenizer start the run.
+        vocab_size, block_size, n_layer, n_head, n_embd, bias, activation: the architecture, taken from
+            ``init_from`` (leave them unset; a value that differs from the checkpoint's is refused).
+        dropout: dropout while fine-tuning (None: the checkpoint's).
+        learning_rate, min_lr_ratio, warmup_steps, decay_steps, weight_decay, beta1, beta2, eps, compile: as
+            for ``fit`` (see AzGPT); a new optimizer and schedule start at step 0.
+    """
+
+    def __init__(
+        self,
+        init_from: str,
+        vocab_size: int | None = None,
+        block_size: int | None = None,
+        n_layer: int | None = None,
+        n_head: int | None = None,
+        n_embd: int | None = None,
+        dropout: float | None = None,
+        bias: bool | None = None,
+        activation: str | None = None,
+        learning_rate: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 10,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.0,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        compile: bool = False,
+    ) -> None:
+        base = load_checkpoint(init_from)
+        tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(base.tokenizer)
+        known = base.tokenizer.get_vocab_size()
+        new_ids = [i for i in DEFAULT_TEMPLATE.token_ids(tokenizer).values() if i >= known]
+        architecture = {key: getattr(base.config, key) for key in ARCHITECTURE_KEYS}
+        architecture["vocab_size"] = max(base.config.vocab_size, tokenizer.get_vocab_size())
+        configured = {"vocab_size": vocab_size, "block_size": block_size, "n_layer": n_layer, "n_head": n_head,
+                      "n_embd": n_embd, "bias": bias, "activation": activation}
+        check_same_architecture(architecture, {k: v for k, v in configured.items() if v is not None})
+        settings = dict(dropout=base.config.dropout if dropout is None else dropout, learning_rate=learning_rate,
+                        min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                        weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, compile=compile)
+        super().__init__(**architecture, **settings)
+        # The resolved values, so a checkpoint's hyperparameters describe its model without the base file.
+        self.save_hyperparameters({"init_from": str(init_from), **architecture, **settings})
+        weights = dict(base.state_dict)
+        rows = self.config.padded_vocab_size
+        embedding = resize_token_embedding(weights[EMBEDDING_KEYS[0]], rows, known, new_ids)
+        for key in EMBEDDING_KEYS:
+            weights[key] = embedding
+        self.model.load_state_dict(weights)
+        self.tokenizer_json = tokenizer.to_str()
+        self.chat_template = DEFAULT_TEMPLATE.to_dict()
+
+    @property
+    def block_size(self) -> int:
+        """The context length, taken from the base checkpoint (the fine-tune's data is cut to it)."""
+        return self.config.block_size
+
+
+class FinetuneCLI(AzGPTCLI):
+    """``fit`` of AzGPTFinetune on InstructionDataModule, which gets the model's tokenizer (template tokens
+    included), block size and template once the model is built from ``model.init_from``."""
+
+    links = (("model.tokenizer_json", "data.tokenizer_json", "instantiate"),
+             ("model.block_size", "data.block_size", "instantiate"),
+             ("model.chat_template", "data.chat_template", "instantiate"))
+
+    def _parse_ckpt_path(self) -> None:
+        # On resume the fine-tune's own hyperparameters (the resolved architecture) replace the config's.
+        configured = {k: v for k, v in vars(self.config.fit.model).items() if v is not None}
+        LightningCLI._parse_ckpt_path(self)
+        check_same_architecture(dict(vars(self.config.fit.model)), configured)
+
+
+def run_finetune_cli(argv: list[str]) -> FinetuneCLI:
+    """``azgpt finetune ARGS`` as ``fit ARGS`` of FinetuneCLI (``--help`` and ``--print_config`` work too)."""
+    return run_lightning_cli(["fit", *argv], FinetuneCLI, AzGPTFinetune, InstructionDataModule)
+
