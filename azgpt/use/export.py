@@ -237,8 +237,8 @@ def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Liter
         path, note = export_gguf(ckpt, out, outtype=outtype or DEFAULT_OUTTYPE, overwrite=overwrite)
         if note:
             print(f"azgpt export: note: {note}", file=sys.stderr)
-        print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {path.parent.resolve().name.lower()} "
-              f"-f Modelfile)")
+        name = path.parent.resolve().name.lower()
+        print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {name} -f Modelfile)")
         return 0
     if format != "hf":
         raise AzGPTError(f"--format must be hf or gguf, got {format!r}")

@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -33,11 +33,8 @@ from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.use.export import CONV1D_WEIGHTS, gpt2_state_dict
 
-if TYPE_CHECKING:
-    import gguf
-
-OutType = Literal["f32", "f16", "q8_0"]
-OUTTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
+OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp's gpt2 runs
+OUTTYPES: tuple[str, ...] = get_args(OutType)
 DEFAULT_OUTTYPE: OutType = "f16"
 ARCH = "gpt2"  # llama.cpp's name for GPT-2's architecture
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses

@@ -271,6 +271,15 @@ def test_unknown_format_and_outtype_are_refused(tiny_run, tmp_path: Path, capsys
     assert not (tmp_path / "x").exists()
 
 
+def test_the_command_offers_the_outtypes_the_writer_has() -> None:
+    from typing import get_args, get_type_hints
+
+    from azgpt.use.export import export_command
+
+    literal, none = get_args(get_type_hints(export_command)["outtype"])
+    assert get_args(literal) == OUTTYPES and none is type(None)
+
+
 def test_q8_0_needs_rows_in_blocks_of_32(checkpoint, tmp_path: Path) -> None:
     model = GPT(GPTConfig(vocab_size=checkpoint.config.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=48))
     with pytest.raises(AzGPTError, match=r"--outtype q8_0 stores rows in blocks of 32 .* rows of 48 .* use --outtype f16"):
