@@ -27,12 +27,15 @@ TEXTS = [
     "İlham İşıq ışıqlı, ağ, öz, üç, çay, ğ, Ə və ə; 1918-ci il 28 may!",
     "Yeni sətir\nvə\ttab  iki boşluq <|endoftext|> sonra",
 ]
-# The largest logit difference accepted between the f16 file and the f32 model, relative to the largest logit:
-# f16 keeps 11 significant bits, so every weight moves by at most 2^-11 (4.9e-4) of itself; a logit is a sum of
-# products through the network, and each layer of a trained model stacks a few such relative errors, so 2% of
-# the logit scale leaves a wide margin while any misplaced or mis-encoded tensor still lands far outside it.
-F16_RELATIVE_TOLERANCE = 2e-2
-Q8_0_RELATIVE_TOLERANCE = 5e-2  # q8_0: 8 bits per value and one scale per 32 values, 2^-8 of a block's largest
+# How far a rounded file's logits may be from the f32 model's, in rounding units of the largest logit. f16 keeps
+# 11 significant bits, so every weight moves by at most 2^-11 of itself; q8_0 stores each block of 32 values as
+# multiples of (block max)/127, moving each by up to 2^-8 of its block's largest, which is several times a
+# typical value's own size. A logit passes through a few matmuls in a row, each adding an error of that
+# relative size. Measured on the tiny test model and a 2-layer one: f16 0.54 and 0.56 units, q8_0 1.7 and 5.1;
+# the limits leave a margin of 3 or more. Check (a) first shows the file holds exactly the rounded weights, so a
+# mis-encoded tensor is caught there at 1e-4, not here.
+ROUNDING_UNIT = {"f32": 0.0, "f16": 2.0**-11, "q8_0": 2.0**-8}
+TOLERANCE_UNITS = {"f32": 0, "f16": 4, "q8_0": 16}
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +188,15 @@ def test_transformers_loads_the_gguf_with_azgpts_logits(exports, checkpoint, tra
     hf = hf_from_gguf(exports[outtype], transformers, model.config.block_size)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
-    # Against the weights exactly as the file holds them, transformers computes azgpt's function to f32 rounding.
+    # (a) Against the weights exactly as the file holds them: the same function, to float32 rounding.
     exact = azgpt_logits(stored_as(model, outtype), ids)
     assert theirs.shape == exact.shape
     assert torch.allclose(theirs, exact, atol=1e-4, rtol=0)
-    # Against the f32 model: nothing beyond the rounding of f16 / q8_0 (and the tanh GELU) moves the logits.
+    # (b) Against the f32 model (with the tanh GELU the file runs): only f16 / q8_0 rounding moves the logits.
     ours = azgpt_logits(as_gguf_file(model), ids)
-    scale = ours.abs().max().item()
-    tolerance = {"f32": 1e-4, "f16": F16_RELATIVE_TOLERANCE * scale, "q8_0": Q8_0_RELATIVE_TOLERANCE * scale}
-    assert (theirs - ours).abs().max().item() <= tolerance[outtype]
+    relative = (theirs - ours).abs().max().item() / ours.abs().max().item()
+    tolerance = 1e-4 + TOLERANCE_UNITS[outtype] * ROUNDING_UNIT[outtype] * ours.abs().max().item()
+    assert (theirs - ours).abs().max().item() <= tolerance, f"{relative:.2e} of the largest logit"
 
 
 def test_transformers_tokenizer_from_the_gguf_gives_azgpts_ids(exports, checkpoint, transformers) -> None:
@@ -247,7 +250,8 @@ def test_chat_model_carries_its_template(checkpoint, tmp_path: Path, transformer
     assert [types[tokenizer.token_to_id(t)] for t in ("<|user|>", "<|end|>")] == [gguf.TokenType.CONTROL] * 2
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     messages = [{"role": "system", "content": "Qısa cavab ver."}, {"role": "user", "content": "Salam!"},
-                {"role": "assistant", "content": "Salam, necə kömək edə bilərəm?"}, {"role": "user", "content": "Bakı?"}]
+                {"role": "assistant", "content": "Salam, necə kömək edə bilərəm?"},
+                {"role": "user", "content": "Bakı?"}]
     rendered = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == ("<|endoftext|><|system|>Qısa cavab ver.<|end|><|user|>Salam!<|end|><|assistant|>Salam, necə "
                         "kömək edə bilərəm?<|end|><|user|>Bakı?<|end|><|assistant|>")
@@ -282,7 +286,7 @@ def test_the_command_offers_the_outtypes_the_writer_has() -> None:
 
 def test_q8_0_needs_rows_in_blocks_of_32(checkpoint, tmp_path: Path) -> None:
     model = GPT(GPTConfig(vocab_size=checkpoint.config.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=48))
-    with pytest.raises(AzGPTError, match=r"--outtype q8_0 stores rows in blocks of 32 .* rows of 48 .* use --outtype f16"):
+    with pytest.raises(AzGPTError, match=r"q8_0 stores rows in blocks of 32 .* rows of 48 .* use --outtype f16"):
         write_gguf(model, checkpoint.tokenizer, tmp_path / "m.gguf", "q8_0")
     assert not (tmp_path / "m.gguf").exists()
     write_gguf(model, checkpoint.tokenizer, tmp_path / "m.gguf", "f16")  # any row length works in f16
