@@ -219,7 +219,7 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Literal["hf", "gguf"] = "hf",
-                   outtype: Literal["f32", "f16", "q8_0"] | None = None) -> int:
+                   outtype: str | None = None) -> int:
     """Write a checkpoint as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors, tokenizer
     files, README.md model card; needs safetensors, not transformers), or with --format gguf as one GGUF file
     for llama.cpp and Ollama plus an Ollama Modelfile (needs the gguf package).

@@ -123,8 +123,8 @@ def storage_type(tensor: np.ndarray, outtype: OutType) -> str:
 
 def check_outtype_name(outtype: str) -> None:
     if outtype not in OUTTYPES:
-        raise AzGPTError(f"--outtype must be one of {', '.join(OUTTYPES)} (the types the gguf package can "
-                         f"write), got {outtype!r}")
+        raise AzGPTError(f"--outtype {outtype}: the gguf package writes {', '.join(OUTTYPES)}; for k-quants such "
+                         f"as q4_k_m, export f16 and run llama.cpp's llama-quantize on that file")
 
 
 def check_outtype(tensors: dict[str, np.ndarray], outtype: OutType) -> None:
