@@ -11,8 +11,9 @@ so only the weight layout changes: GPT-2's ``Conv1D`` stores (in, out), the tran
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer
@@ -251,15 +252,32 @@ def _json_bytes(content: dict[str, Any]) -> bytes:
     return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def export_command(ckpt: Path, out: Path, overwrite: bool = False) -> int:
+def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Literal["hf", "gguf"] = "hf",
+                   outtype: str | None = None) -> int:
     """Write a checkpoint as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors, tokenizer
-    files, README.md model card). Needs safetensors, not transformers.
+    files, README.md model card; needs safetensors, not transformers), or with --format gguf as one GGUF file
+    for llama.cpp and Ollama plus an Ollama Modelfile (needs the gguf package).
 
     Args:
         ckpt: checkpoint written by azgpt fit.
         out: folder to write (new or empty).
         overwrite: write into a folder that already holds files.
+        format: hf (a Hugging Face folder) or gguf (llama.cpp / Ollama).
+        outtype: number format of a GGUF's weight matrices: f32, f16 (default) or q8_0.
     """
+    if format == "gguf":
+        from azgpt.use.gguf import DEFAULT_OUTTYPE, export_gguf
+
+        path, note = export_gguf(ckpt, out, outtype=outtype or DEFAULT_OUTTYPE, overwrite=overwrite)
+        if note:
+            print(f"azgpt export: note: {note}", file=sys.stderr)
+        name = path.parent.resolve().name.lower()
+        print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {name} -f Modelfile)")
+        return 0
+    if format != "hf":
+        raise AzGPTError(f"--format must be hf or gguf, got {format!r}")
+    if outtype is not None:
+        raise AzGPTError("--outtype applies to --format gguf; the Hugging Face folder is always float32")
     written = export_checkpoint(ckpt, out, overwrite=overwrite)
     print(f"exported {ckpt} to {written}/ (load it with GPT2LMHeadModel.from_pretrained and "
           f"PreTrainedTokenizerFast.from_pretrained)")

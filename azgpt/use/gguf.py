@@ -1,0 +1,309 @@
+"""Export a checkpoint as one GGUF file for llama.cpp and Ollama, plus an Ollama ``Modelfile`` beside it.
+
+The file is written with the ``gguf`` package (llama.cpp's own writer, ``pip install 'azgpt[gguf]'``) under
+llama.cpp's ``gpt2`` architecture, which is azgpt's: pre-LayerNorm blocks, learned positions, a fused QKV
+projection and a head tied to the token embedding. The tokenizer travels inside as metadata: vocabulary,
+merges, special tokens, and a chat template when the model was fine-tuned with one.
+
+Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt generate`` there:
+
+- llama.cpp's ``gpt2`` computes GELU in GPT-2's tanh form. A model trained with exact GELU (azgpt's default)
+  runs with that approximation; the export measures and prints what it changes in the logits.
+- The tokenizer's normaliser (NFC, Cyrillic ә folded into Latin ə) has no GGUF key: prompts typed in NFC with
+  Latin ə, as Azerbaijani keyboards write them, get the same ids; others may not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from azgpt import __version__
+from azgpt.checkpoint import Checkpoint, load_checkpoint
+from azgpt.data.tokenizer import EOT
+from azgpt.errors import AzGPTError
+from azgpt.model import GPT
+from azgpt.use.export import CONV1D_WEIGHTS, gpt2_state_dict
+
+OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp's gpt2 runs
+OUTTYPES: tuple[str, ...] = get_args(OutType)
+DEFAULT_OUTTYPE: OutType = "f16"
+ARCH = "gpt2"  # llama.cpp's name for GPT-2's architecture
+TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
+LAYER_NORM_EPS = 1e-5
+PROBE_TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir."
+CHAT_TEMPLATE_FORMAT = "azgpt-chat-1"  # the format of checkpoint["azgpt"]["chat_template"] this module reads
+# Ollama's defaults for a model without its own: azgpt generate's temperature, a top-k/top-p cut that keeps a
+# small model off its long tail, and as many new tokens as azgpt generate writes.
+SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repeat_penalty": 1.1, "num_predict": 200}
+
+
+def import_gguf() -> Any:
+    """The ``gguf`` package, or an ``AzGPTError`` naming the pip command."""
+    try:
+        import gguf
+    except ImportError:
+        raise AzGPTError("--format gguf needs the gguf package: pip install 'azgpt[gguf]' "
+                         "(or pip install gguf)") from None
+    return gguf
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The special tokens of a fine-tuned model's conversation format, as stored in its checkpoint.
+
+    A conversation renders as ``<|endoftext|>`` then, per message, its role token, its text and the end token;
+    to answer, the model gets the assistant's role token and writes until the end token.
+    """
+
+    role_tokens: dict[str, str]
+    end_token: str
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> ChatTemplate | None:
+        """The checkpoint's chat template, ``None`` for a model that was not fine-tuned for chat."""
+        stored = checkpoint.summary.get("chat_template")
+        if stored is None:
+            return None
+        if not isinstance(stored, dict) or stored.get("format") != CHAT_TEMPLATE_FORMAT:
+            found = stored.get("format") if isinstance(stored, dict) else type(stored).__name__
+            raise AzGPTError(f"{checkpoint.path} holds a chat template of format {found!r}; this azgpt exports "
+                             f"{CHAT_TEMPLATE_FORMAT!r}: upgrade azgpt")
+        roles = stored.get("role_tokens") or {}
+        if not {"user", "assistant"} <= set(roles) or not stored.get("end_token"):
+            raise AzGPTError(f"{checkpoint.path}: its chat template lacks the user/assistant or end tokens")
+        return cls(role_tokens=dict(roles), end_token=stored["end_token"])
+
+    def jinja(self) -> str:
+        """The template as Jinja, the ``tokenizer.chat_template`` llama.cpp and transformers apply."""
+        roles = "".join(f"{{%- if message['role'] == '{role}' %}}{token}{{%- endif %}}"
+                        for role, token in self.role_tokens.items())
+        return (f"{EOT}{{%- for message in messages %}}{roles}{{{{ message['content'] }}}}{self.end_token}"
+                f"{{%- endfor %}}{{%- if add_generation_prompt %}}{self.role_tokens['assistant']}{{%- endif %}}")
+
+    def go_template(self) -> str:
+        """The template in Go's text/template, which Ollama's ``TEMPLATE`` takes instead of Jinja."""
+        roles = "".join(f'{{{{- if eq .Role "{role}" }}}}{token}{{{{- end }}}}'
+                        for role, token in self.role_tokens.items())
+        return (f"{EOT}{{{{- range .Messages }}}}{roles}{{{{ .Content }}}}{self.end_token}{{{{- end }}}}"
+                f"{self.role_tokens['assistant']}")
+
+
+def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """``model``'s weights under llama.cpp's ``gpt2`` names, as float32 arrays in ``nn.Linear``'s (out, in)
+    layout; the tied head is left out (llama.cpp reuses ``token_embd``)."""
+    gguf = import_gguf()
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
+    tensors = {}
+    # Start from the Hugging Face layout: the vocabulary cut to the tokenizer's size, zero biases where the
+    # model has none (llama.cpp's gpt2 requires them), then undo GPT-2's Conv1D transpose.
+    for hf_name, tensor in gpt2_state_dict(model).items():
+        if hf_name.removesuffix(".weight").endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise RuntimeError(f"gguf has no gpt2 name for {hf_name}")  # a change in gguf's TensorNameMap
+        tensors[name] = tensor.contiguous().numpy()
+    return tensors
+
+
+def storage_type(tensor: np.ndarray, outtype: OutType) -> str:
+    """The GGML type a tensor is stored in: norms and biases (1-D) stay f32, as llama.cpp's converter keeps
+    them; matrices take ``outtype``."""
+    return "f32" if tensor.ndim == 1 else outtype
+
+
+def check_outtype_name(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise AzGPTError(f"--outtype {outtype}: the gguf package writes {', '.join(OUTTYPES)}; for k-quants such "
+                         f"as q4_k_m, export f16 and run llama.cpp's llama-quantize on that file")
+
+
+def check_outtype(tensors: dict[str, np.ndarray], outtype: OutType) -> None:
+    """Refuse a quantisation the writer cannot apply to every matrix of this model, before writing anything."""
+    check_outtype_name(outtype)
+    gguf = import_gguf()
+    qtype = gguf.GGMLQuantizationType[outtype.upper()]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for name, tensor in tensors.items():
+        if storage_type(tensor, outtype) == outtype and tensor.shape[-1] % block:
+            raise AzGPTError(f"--outtype {outtype} stores rows in blocks of {block} values, but {name} has rows of "
+                             f"{tensor.shape[-1]} (n_embd must be a multiple of {block}): use --outtype f16")
+
+
+def stored_weights(tensors: dict[str, np.ndarray], outtype: OutType) -> dict[str, tuple[np.ndarray, Any]]:
+    """Each tensor encoded for the file, with its GGML type (``gguf.quants.quantize`` does the encoding)."""
+    gguf = import_gguf()
+    stored = {}
+    for name, tensor in tensors.items():
+        qtype = gguf.GGMLQuantizationType[storage_type(tensor, outtype).upper()]
+        stored[name] = (gguf.quants.quantize(tensor, qtype), qtype)
+    return stored
+
+
+def vocabulary(tokenizer: Tokenizer, size: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens (in id order, byte-level spelling as in ``tokenizer.json``), their llama.cpp token types, and the
+    merges as ``"left right"``. Rows of a larger model vocabulary get unused ``[PAD<id>]`` tokens."""
+    gguf = import_gguf()
+    by_id = {index: token for token, index in tokenizer.get_vocab(with_added_tokens=True).items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        raise AzGPTError("the checkpoint's tokenizer has gaps in its token ids; GGUF needs ids 0..N-1")
+    added = tokenizer.get_added_tokens_decoder()
+    tokens, types = [], []
+    for index in range(size):
+        if index in by_id:
+            tokens.append(by_id[index])
+            token_type = gguf.TokenType.NORMAL
+            if index in added:
+                token_type = gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED
+        else:
+            tokens.append(f"[PAD{index}]")
+            token_type = gguf.TokenType.UNUSED
+        types.append(int(token_type))
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return tokens, types, [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = DEFAULT_OUTTYPE,
+               name: str = "azgpt", chat: ChatTemplate | None = None) -> None:
+    """Write ``model`` and ``tokenizer`` as the GGUF file ``path`` (not atomic: see ``export_gguf``)."""
+    gguf = import_gguf()
+    cfg = model.config
+    tensors = gguf_tensors(model)
+    check_outtype(tensors, outtype)
+    eot_id = tokenizer.token_to_id(EOT)
+    tokens, token_types, merges = vocabulary(tokenizer, cfg.vocab_size)
+
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_description(f"Azerbaijani GPT trained from scratch with azgpt {__version__}")
+    writer.add_file_type(int(gguf.LlamaFileType[{"f32": "ALL_F32", "f16": "MOSTLY_F16",
+                                                  "q8_0": "MOSTLY_Q8_0"}[outtype]]))
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eot_id)
+    writer.add_eos_token_id(eot_id)
+    writer.add_add_bos_token(False)  # azgpt feeds a prompt as typed, with no token in front
+    writer.add_add_eos_token(False)
+    if chat is not None:
+        writer.add_chat_template(chat.jinja())
+        end_id = tokenizer.token_to_id(chat.end_token)
+        if end_id is None:
+            raise AzGPTError(f"the tokenizer lacks the chat template's end token {chat.end_token!r}")
+        writer.add_eot_token_id(end_id)
+
+    for tensor_name, (data, qtype) in stored_weights(tensors, outtype).items():
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | None) -> str:
+    """An Ollama ``Modelfile`` for the GGUF file ``gguf_name`` beside it; ``name`` is the suggested model name."""
+    name = name.lower()  # Ollama's model names are lower case
+    template = chat.go_template() if chat else "{{ .Prompt }}"
+    stops = [EOT] + ([chat.end_token] if chat else [])
+    lines = [
+        f"# Ollama model file written by azgpt {__version__}. In this folder:",
+        f"#   ollama create {name} -f Modelfile",
+        f'#   ollama run {name} "Azərbaycan"',
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{template}"""',
+        *[f'PARAMETER stop "{stop}"' for stop in stops],
+        # GPT-2 has one learned position per slot up to its block size: a longer context has no positions.
+        f"PARAMETER num_ctx {block_size}",
+        *[f"PARAMETER {key} {value}" for key, value in SAMPLING.items()],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def gelu_note(model: GPT, tokenizer: Tokenizer) -> str | None:
+    """For a model trained with exact GELU: what running it with llama.cpp's tanh GELU changes, on a probe."""
+    if model.config.activation == "gelu_tanh":
+        return None
+    ids = tokenizer.encode(PROBE_TEXT).ids[: model.config.block_size]
+    idx = torch.tensor([ids])
+    vocab = model.config.vocab_size
+    trained = model.config.activation
+    with torch.no_grad():
+        exact = model(idx)[0][0, :, :vocab]
+        model.use_activation("gelu_tanh")
+        try:
+            tanh = model(idx)[0][0, :, :vocab]
+        finally:
+            model.use_activation(trained)
+    agree = (exact.argmax(-1) == tanh.argmax(-1)).float().mean().item()
+    return (f"llama.cpp runs GELU in its tanh form and this model was trained with exact GELU: on a "
+            f"{len(ids)}-token probe the logits move by at most {(exact - tanh).abs().max().item():.1e} and the "
+            f"likeliest next token stays the same at {agree:.0%} of positions")
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the finished files of ``staging`` into ``out``: one rename for a new or empty ``out``, else one
+    rename per file (``--overwrite``), so no reader ever sees a half-written file."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+
+
+def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType = DEFAULT_OUTTYPE,
+                overwrite: bool = False) -> tuple[Path, str | None]:
+    """Export ``checkpoint_path`` into the folder ``out`` as ``<out name>-<outtype>.gguf`` and ``Modelfile``.
+
+    Files are written into a hidden sibling folder and renamed into place once complete. Returns the GGUF
+    file's path and, for a model trained with exact GELU, a note on what llama.cpp's tanh GELU changes.
+    """
+    import_gguf()
+    out = Path(out)
+    check_out_folder(out, overwrite)
+    check_outtype_name(outtype)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = checkpoint.build_model("cpu")
+    chat = ChatTemplate.from_checkpoint(checkpoint)
+    name = out.resolve().name
+    gguf_name = f"{name}-{outtype}.gguf"
+    staging = out.resolve().parent / f".{name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed export of this process id
+    staging.mkdir(parents=True)
+    try:
+        write_gguf(model, checkpoint.tokenizer, staging / gguf_name, outtype, name=name, chat=chat)
+        (staging / "Modelfile").write_text(modelfile(gguf_name, name, model.config.block_size, chat), encoding="utf-8")
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / gguf_name, gelu_note(model, checkpoint.tokenizer)

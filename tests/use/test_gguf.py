@@ -1,0 +1,341 @@
+"""Export to GGUF: the file as gguf's own reader and transformers read it, parity with azgpt, bad input, and
+greedy generation in llama.cpp where llama-cpp-python is installed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer
+
+from azgpt.checkpoint import Checkpoint, load_checkpoint
+from azgpt.cli import main
+from azgpt.errors import AzGPTError
+from azgpt.model import GPT, GPTConfig
+from azgpt.use.gguf import OUTTYPES, ChatTemplate, export_gguf, gguf_tensors, modelfile, write_gguf
+
+gguf = pytest.importorskip("gguf")
+
+# NFC text with Latin ə, as typed on an Azerbaijani keyboard: the GGUF tokenizer has no normaliser (see gguf.py)
+TEXTS = [
+    "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir.",
+    "İlham İşıq ışıqlı, ağ, öz, üç, çay, ğ, Ə və ə; 1918-ci il 28 may!",
+    "Yeni sətir\nvə\ttab  iki boşluq <|endoftext|> sonra",
+]
+# How far a rounded file's logits may be from the f32 model's, in rounding units of the largest logit. f16 keeps
+# 11 significant bits, so every weight moves by at most 2^-11 of itself; q8_0 stores each block of 32 values as
+# multiples of (block max)/127, moving each by up to 2^-8 of its block's largest, which is several times a
+# typical value's own size. A logit passes through a few matmuls in a row, each adding an error of that
+# relative size. Measured on the tiny test model and a 2-layer one: f16 0.54 and 0.56 units, q8_0 1.7 and 5.1;
+# the limits leave a margin of 3 or more. Check (a) first shows the file holds exactly the rounded weights, so a
+# mis-encoded tensor is caught there at 1e-4, not here.
+ROUNDING_UNIT = {"f32": 0.0, "f16": 2.0**-11, "q8_0": 2.0**-8}
+TOLERANCE_UNITS = {"f32": 0, "f16": 4, "q8_0": 16}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny run exported once per outtype; each value is the .gguf file."""
+    files = {}
+    for outtype in OUTTYPES:
+        out = tmp_path_factory.mktemp(outtype) / "azgpt-tiny"
+        args = ["export", "--ckpt", str(tiny_run.ckpt), "--format", "gguf", "--out", str(out), "--outtype", outtype]
+        assert main(args) == 0
+        files[outtype] = out / f"azgpt-tiny-{outtype}.gguf"
+    return files
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run) -> Checkpoint:
+    return load_checkpoint(tiny_run.ckpt)
+
+
+def as_gguf_file(model: GPT) -> GPT:
+    """The model as llama.cpp's gpt2 computes it: GPT-2's tanh GELU (the tiny run trained with exact GELU)."""
+    model = copy.deepcopy(model)
+    model.use_activation("gelu_tanh")
+    return model
+
+
+def stored_as(model: GPT, outtype: str) -> GPT:
+    """``model`` with every matrix encoded to ``outtype`` and decoded back, as the file stores it."""
+    model = as_gguf_file(model)
+    qtype = gguf.GGMLQuantizationType[outtype.upper()]
+    with torch.no_grad():
+        for param in model.parameters():  # the tied head shares the embedding's parameter
+            if param.dim() == 2:
+                decoded = gguf.quants.dequantize(gguf.quants.quantize(param.numpy(), qtype), qtype)
+                param.copy_(torch.from_numpy(np.asarray(decoded, dtype=np.float32)).reshape(param.shape))
+    return model
+
+
+def azgpt_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
+
+
+def field(reader, key: str):
+    return reader.fields[key].contents()
+
+
+# ----------------------------------------------------------------------------------- files and gguf's reader
+
+
+def test_export_writes_one_gguf_and_a_modelfile(exports: dict[str, Path]) -> None:
+    for outtype, path in exports.items():
+        assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", f"azgpt-tiny-{outtype}.gguf"]
+        assert [p.name for p in path.parent.parent.iterdir()] == ["azgpt-tiny"]  # no staging folder left
+    sizes = {outtype: path.stat().st_size for outtype, path in exports.items()}
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_gguf_reader_lists_every_tensor_with_its_shape_and_type(exports, checkpoint, outtype: str) -> None:
+    model = checkpoint.build_model()
+    cfg = model.config
+    expected = gguf_tensors(model)
+    reader = gguf.GGUFReader(exports[outtype])
+    tensors = {t.name: t for t in reader.tensors}
+    assert sorted(tensors) == sorted(expected)
+    assert len(tensors) == 2 + 12 * cfg.n_layer + 2  # embeddings, 12 per block, final norm; head tied
+    assert tuple(tensors["token_embd.weight"].shape) == (cfg.n_embd, cfg.vocab_size)  # GGUF lists ne0 first
+    assert tuple(tensors["position_embd.weight"].shape) == (cfg.n_embd, cfg.block_size)
+    assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (cfg.n_embd, 3 * cfg.n_embd)
+    assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (cfg.n_embd, 4 * cfg.n_embd)
+    assert tuple(tensors["blk.0.ffn_down.weight"].shape) == (4 * cfg.n_embd, cfg.n_embd)
+    for name, tensor in tensors.items():
+        assert tuple(tensor.shape) == expected[name].shape[::-1], name
+        want = "F32" if expected[name].ndim == 1 else outtype.upper()
+        assert tensor.tensor_type.name == want, name
+    qkv = tensors["blk.0.attn_qkv.weight"]
+    decoded = gguf.quants.dequantize(qkv.data, qkv.tensor_type).reshape(expected["blk.0.attn_qkv.weight"].shape)
+    assert np.abs(decoded - expected["blk.0.attn_qkv.weight"]).max() <= {"f32": 0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
+
+
+def test_gguf_metadata_describes_the_model_and_its_tokenizer(exports, checkpoint) -> None:
+    reader = gguf.GGUFReader(exports["f32"])
+    cfg, tokenizer = checkpoint.config, checkpoint.tokenizer
+    assert field(reader, "general.architecture") == "gpt2"
+    assert field(reader, "general.name") == "azgpt-tiny"
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.ALL_F32
+    assert [field(reader, f"gpt2.{key}") for key in ("context_length", "embedding_length", "feed_forward_length",
+                                                      "block_count", "attention.head_count")] == [
+        cfg.block_size, cfg.n_embd, 4 * cfg.n_embd, cfg.n_layer, cfg.n_head]
+    assert field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size == len(vocab)
+    assert all(vocab[token] == index for index, token in enumerate(tokens))
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[0] == gguf.TokenType.CONTROL and tokens[0] == "<|endoftext|>"
+    assert set(types[1:]) == {gguf.TokenType.NORMAL}
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    assert field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert field(reader, "tokenizer.ggml.bos_token_id") == field(reader, "tokenizer.ggml.eos_token_id") == 0
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert "tokenizer.chat_template" not in reader.fields  # a base model has none
+    assert field(reader, "general.file_type") == 0
+    assert field(gguf.GGUFReader(exports["q8_0"]), "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_modelfile_points_at_the_file_with_stop_token_and_context(exports, checkpoint) -> None:
+    text = (exports["f16"].parent / "Modelfile").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert "FROM ./azgpt-tiny-f16.gguf" in lines
+    assert 'TEMPLATE """{{ .Prompt }}"""' in lines
+    assert 'PARAMETER stop "<|endoftext|>"' in lines
+    assert f"PARAMETER num_ctx {checkpoint.config.block_size}" in lines
+    assert "PARAMETER temperature 0.8" in lines
+    assert "#   ollama create azgpt-tiny -f Modelfile" in lines
+
+
+def test_export_notes_what_the_tanh_gelu_changes(tiny_run, tmp_path: Path, capsys) -> None:
+    assert main(["export", "--ckpt", str(tiny_run.ckpt), "--format", "gguf", "--out", str(tmp_path / "m")]) == 0
+    captured = capsys.readouterr()
+    assert "ollama create m -f Modelfile" in captured.out
+    assert (tmp_path / "m" / "m-f16.gguf").is_file()  # f16 is the default
+    assert "llama.cpp runs GELU in its tanh form" in captured.err and "logits move by at most" in captured.err
+
+
+# ----------------------------------------------------------------------------------- transformers reads it
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
+    return transformers
+
+
+def hf_from_gguf(path: Path, transformers, block_size: int):
+    # transformers maps gpt2.context_length to n_ctx, not to n_positions (the size of the position table), so
+    # the block size is given again here; a GGUF with GPT-2's 1024 positions would not need it.
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, n_positions=block_size).eval()
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_transformers_loads_the_gguf_with_azgpts_logits(exports, checkpoint, transformers, outtype: str) -> None:
+    model = checkpoint.build_model()
+    ids = checkpoint.tokenizer.encode(" ".join(TEXTS)).ids[: model.config.block_size]
+    hf = hf_from_gguf(exports[outtype], transformers, model.config.block_size)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    # (a) Against the weights exactly as the file holds them: the same function, to float32 rounding.
+    exact = azgpt_logits(stored_as(model, outtype), ids)
+    assert theirs.shape == exact.shape
+    assert torch.allclose(theirs, exact, atol=1e-4, rtol=0)
+    # (b) Against the f32 model (with the tanh GELU the file runs): only f16 / q8_0 rounding moves the logits.
+    ours = azgpt_logits(as_gguf_file(model), ids)
+    relative = (theirs - ours).abs().max().item() / ours.abs().max().item()
+    tolerance = 1e-4 + TOLERANCE_UNITS[outtype] * ROUNDING_UNIT[outtype] * ours.abs().max().item()
+    assert (theirs - ours).abs().max().item() <= tolerance, f"{relative:.2e} of the largest logit"
+
+
+def test_transformers_tokenizer_from_the_gguf_gives_azgpts_ids(exports, checkpoint, transformers) -> None:
+    ours = checkpoint.tokenizer
+    path = exports["f16"]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert theirs.eos_token == theirs.bos_token == "<|endoftext|>"
+    assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
+    for text in TEXTS:
+        ids = ours.encode(text).ids
+        assert theirs(text)["input_ids"] == ids
+        assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------- chat template
+
+
+def chat_tokenizer(tokenizer: Tokenizer, chat: ChatTemplate) -> Tokenizer:
+    """``tokenizer`` with the chat template's special tokens appended, as a fine-tune stores it."""
+    extended = Tokenizer.from_str(tokenizer.to_str())
+    tokens = [*chat.role_tokens.values(), chat.end_token]
+    extended.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    return extended
+
+
+STORED_CHAT = {"format": "azgpt-chat-1", "end_token": "<|end|>",
+               "role_tokens": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}}
+
+
+def test_chat_template_is_read_from_the_checkpoint(checkpoint) -> None:
+    assert ChatTemplate.from_checkpoint(checkpoint) is None
+    tuned = copy.copy(checkpoint)
+    tuned.raw = {**checkpoint.raw, "azgpt": {**checkpoint.summary, "chat_template": STORED_CHAT}}
+    chat = ChatTemplate.from_checkpoint(tuned)
+    assert chat.end_token == "<|end|>" and chat.role_tokens["user"] == "<|user|>"
+    tuned.raw["azgpt"]["chat_template"] = {"format": "azgpt-chat-9"}
+    with pytest.raises(AzGPTError, match="format 'azgpt-chat-9'.*upgrade azgpt"):
+        ChatTemplate.from_checkpoint(tuned)
+
+
+def test_chat_model_carries_its_template(checkpoint, tmp_path: Path, transformers) -> None:
+    chat = ChatTemplate(role_tokens=STORED_CHAT["role_tokens"], end_token=STORED_CHAT["end_token"])
+    tokenizer = chat_tokenizer(checkpoint.tokenizer, chat)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=1, n_head=2, n_embd=32))
+    path = tmp_path / "chat-f32.gguf"
+    write_gguf(model, tokenizer, path, "f32", name="chat", chat=chat)
+    reader = gguf.GGUFReader(path)
+    assert field(reader, "tokenizer.ggml.eot_token_id") == tokenizer.token_to_id("<|end|>")
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert [types[tokenizer.token_to_id(t)] for t in ("<|user|>", "<|end|>")] == [gguf.TokenType.CONTROL] * 2
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    messages = [{"role": "system", "content": "Qısa cavab ver."}, {"role": "user", "content": "Salam!"},
+                {"role": "assistant", "content": "Salam, necə kömək edə bilərəm?"},
+                {"role": "user", "content": "Bakı?"}]
+    rendered = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == ("<|endoftext|><|system|>Qısa cavab ver.<|end|><|user|>Salam!<|end|><|assistant|>Salam, necə "
+                        "kömək edə bilərəm?<|end|><|user|>Bakı?<|end|><|assistant|>")
+    assert hf_tokenizer(rendered)["input_ids"] == tokenizer.encode(rendered).ids
+    text = modelfile(path.name, "chat", 32, chat)
+    assert '{{- range .Messages }}{{- if eq .Role "system" }}<|system|>{{- end }}' in text
+    assert 'PARAMETER stop "<|end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_format_and_outtype_are_refused(tiny_run, tmp_path: Path, capsys) -> None:
+    base = ["export", "--ckpt", str(tiny_run.ckpt), "--out", str(tmp_path / "x")]
+    assert main([*base, "--format", "onnx"]) == 2
+    assert "format" in capsys.readouterr().err
+    assert main([*base, "--format", "gguf", "--outtype", "q4_k_m"]) == 2
+    assert "--outtype q4_k_m: the gguf package writes f32, f16, q8_0; for k-quants" in capsys.readouterr().err
+    assert main([*base, "--outtype", "f16"]) == 2
+    assert "--outtype applies to --format gguf" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_q8_0_needs_rows_in_blocks_of_32(checkpoint, tmp_path: Path) -> None:
+    model = GPT(GPTConfig(vocab_size=checkpoint.config.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=48))
+    with pytest.raises(AzGPTError, match=r"q8_0 stores rows in blocks of 32 .* rows of 48 .* use --outtype f16"):
+        write_gguf(model, checkpoint.tokenizer, tmp_path / "m.gguf", "q8_0")
+    assert not (tmp_path / "m.gguf").exists()
+    write_gguf(model, checkpoint.tokenizer, tmp_path / "m.gguf", "f16")  # any row length works in f16
+
+
+def test_existing_output_is_refused_unless_overwrite(exports, tiny_run, capsys) -> None:
+    out = exports["f32"].parent
+    args = ["export", "--ckpt", str(tiny_run.ckpt), "--format", "gguf", "--out", str(out), "--outtype", "f32"]
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "azgpt-tiny-f32.gguf", "notes.txt"]
+    assert [p.name for p in out.parent.iterdir()] == ["azgpt-tiny"]
+    (out / "notes.txt").unlink()
+    a_file = out.parent / "file.gguf"
+    a_file.write_text("x")
+    assert main([*args[:-4], "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    a_file.unlink()
+
+
+def test_a_failed_export_leaves_nothing(tiny_run, tmp_path: Path, monkeypatch) -> None:
+    import azgpt.use.gguf as gguf_export
+
+    def fail_after_writing(model, tokenizer, path, *args, **kwargs):
+        path.write_bytes(b"GGUF half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_export, "write_gguf", fail_after_writing)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(tiny_run.ckpt, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_gguf_package_names_the_pip_command(tiny_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes the import fail
+    assert main(["export", "--ckpt", str(tiny_run.ckpt), "--format", "gguf", "--out", str(tmp_path / "m")]) == 2
+    assert "pip install 'azgpt[gguf]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- llama.cpp generates
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_llama_cpp_greedy_generation_equals_azgpts(exports, checkpoint, outtype: str) -> None:
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
+    model = stored_as(checkpoint.build_model(), outtype)
+    prompt = checkpoint.tokenizer.encode("Bakı şəhəri").ids
+    ours = [int(t) for t in model.generate(torch.tensor([prompt]), 32, temperature=0.0)]
+    llm = llama_cpp.Llama(model_path=str(exports[outtype]), n_ctx=model.config.block_size, n_threads=2,
+                          verbose=False, logits_all=False)
+    assert llm.tokenize("Bakı şəhəri".encode(), add_bos=False, special=True) == prompt
+    theirs = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 32:
+            break
+    assert theirs == ours
