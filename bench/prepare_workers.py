@@ -5,6 +5,10 @@ whole corpus folder: end-to-end MB/s (tokenizer training included) and encoding 
 
 Every run is a fresh subprocess; thread counts alternate within each round, so a busy machine slows all
 of them alike. The figures are prepare's own (its summary line), MB of UTF-8 text per second.
+
+On a machine too busy for wall-clock ratios, ``--cpu-split`` measures instead where encoding's CPU time goes:
+one thread, process CPU time in ``encode_batch`` (Rust, parallel) against the rest (reading, normalising,
+counting, writing: Python, serial), and the speed-up that split allows on idle cores (Amdahl's law).
 """
 
 from __future__ import annotations
@@ -34,13 +38,53 @@ def run(corpus: Path, out: Path, threads: int, tokenizer: Path | None) -> dict[s
     return {"encode_mb_s": encode_rate, "total_s": total_s, "mb": mb, "total_mb_s": mb / total_s}
 
 
+def cpu_split(corpus: Path, tokenizer: Path, out: Path) -> None:
+    """Encode ``corpus`` with one thread and print how its CPU time splits between encode_batch and the rest."""
+    import time
+
+    from azgpt.data import prepare as prepare_module
+
+    in_rust = [0.0]
+    original_init = prepare_module._BatchEncoder.__init__
+
+    def timed_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        encode = self._encode
+
+        def timed(*a, **k):
+            started = time.process_time()
+            try:
+                return encode(*a, **k)
+            finally:
+                in_rust[0] += time.process_time() - started
+
+        self._encode = timed
+
+    prepare_module._BatchEncoder.__init__ = timed_init
+    started = time.process_time()
+    summary = prepare_module.prepare(prepare_module.PrepareConfig(out=out, corpus=[str(corpus)], tokenizer=tokenizer,
+                                                                  overwrite=True))
+    cpu = time.process_time() - started
+    mb = sum(c.bytes for c in summary.splits.values()) / 1e6
+    for cores in sorted({1, 2, os.cpu_count() or 1}):
+        print(f"encode only, {cores} idle core(s): {mb / (cpu - in_rust[0] + in_rust[0] / cores):.2f} MB/s "
+              f"(CPU {cpu:.1f} s for {mb:.1f} MB, {in_rust[0] / cpu:.0%} of it in encode_batch)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus-dir", type=Path, default=ROOT.parent / "shared" / "corpus")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cpu-split", action="store_true", help="CPU-time split and Amdahl estimate instead")
     args = parser.parse_args()
     print("command: PYTHONPATH=. python bench/prepare_workers.py " + shlex.join(sys.argv[1:]))
+    if args.cpu_split:
+        os.environ.update(RAYON_NUM_THREADS="1", RAYON_RS_NUM_CPUS="1", TQDM_DISABLE="1")  # before the pool starts
+        with tempfile.TemporaryDirectory() as tmp:
+            run(args.corpus_dir, Path(tmp) / "reference", 1, None)
+            cpu_split(args.corpus_dir, Path(tmp) / "reference" / "tokenizer.json", Path(tmp) / "encoded")
+        return
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "reference"

@@ -19,7 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
-from azgpt.data.hub import HF_PREFIX, is_hub_corpus, iter_hub_texts, require_datasets, unknown_corpus_error
+from azgpt.data.hub import HF_PREFIX  # noqa: F401  (re-exported: it lived here before azgpt.data.hub)
+from azgpt.data.hub import is_hub_corpus, iter_hub_texts, require_datasets, unknown_corpus_error
 from azgpt.errors import AzGPTError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")

@@ -59,3 +59,18 @@ def test_base_recipe_on_the_sample_corpus_warns(tmp_path: Path) -> None:
     assert budget.parameters > 20_000_000
     assert budget.epochs > 1000
     assert "DATA BUDGET" in budget.warning(DataBudgetCheck().warn_above_epochs)
+
+
+@pytest.mark.parametrize("configs, corpus, max_bytes", [
+    (["base.yaml"], "fineweb2-az", "600MB"),
+    (["quickstart.yaml", "laptop.yaml"], "fineweb2-az", "50MB"),
+    (["base.yaml", "gpt2-small.yaml"], "fineweb2-az", "3GB"),
+])
+def test_real_text_configs_name_a_fineweb_slice(configs: list[str], corpus: str, max_bytes: str, capsys) -> None:
+    from azgpt.train.lightning_cli import run_lightning_cli
+
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", *[a for c in configs for a in ("--config", c)], "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["corpus"] == [corpus] and printed["data"]["max_bytes"] == max_bytes
+    assert printed["trainer"]["max_steps"] > 0
