@@ -56,7 +56,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         text = str(exc).strip()
         refused = _REFUSED_GLOBAL.search(text)
         if _WEIGHTS_ONLY_REFUSAL in text and refused:
-            # torch's own text goes on to suggest turning the safe loader off, the one thing not to do: none of it is shown.
+            # torch's own text goes on to suggest turning the safe loader off: none of it is shown.
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: the file holds code ({refused.group(1).rstrip('.,')}) that azgpt will "
                 f"not run; use a checkpoint written by azgpt fit") from None
