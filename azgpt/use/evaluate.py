@@ -164,10 +164,14 @@ class Scorer:
     def score(self, name: str, documents: Iterable[str]) -> Score:
         """Score one stream of documents (each preceded by end-of-text)."""
         result = Score(name)
-        windows = iter_windows(self._chunks(documents, result), self.block_size, self.stride)
+        self.score_tokens(self._chunks(documents, result), result)
+        return result
+
+    def score_tokens(self, chunks: Iterable[np.ndarray], result: Score) -> None:
+        """Add the NLL and count of every text token of the stream ``chunks`` joined to ``result``."""
+        windows = iter_windows(chunks, self.block_size, self.stride)
         while batch := list(itertools.islice(windows, self.batch_size)):
             self._score_batch(batch, result)
-        return result
 
     def _chunks(self, documents: Iterable[str], result: Score) -> Iterator[np.ndarray]:
         """Token ids of the documents, a batch at a time; counts documents and bytes into ``result``."""
