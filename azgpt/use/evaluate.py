@@ -232,8 +232,8 @@ def evaluate(checkpoint: str | Path, corpus: str | Path | Sequence[str | Path], 
 def evaluate_command(ckpt: Path, corpus: list[str], stride: int | None = None, batch_size: int = 8,
                      device: str | None = None, max_docs: int | None = None, json: bool = False,
                      text_field: str = "text", errors: str = "strict") -> int:
-    """Loss, perplexity and bits per byte of a checkpoint on any text, per file and overall. Bits per byte is the
-    figure that compares models with different tokenizers (loss and perplexity are per token of this one).
+    """Loss, perplexity and bits per byte of a checkpoint on any text, per file and overall.
+    Bits per byte compares models with different tokenizers; loss and perplexity are per token of this one.
 
     Args:
         ckpt: checkpoint written by azgpt fit.
