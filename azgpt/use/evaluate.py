@@ -164,10 +164,14 @@ class Scorer:
     def score(self, name: str, documents: Iterable[str]) -> Score:
         """Score one stream of documents (each preceded by end-of-text)."""
         result = Score(name)
-        windows = iter_windows(self._chunks(documents, result), self.block_size, self.stride)
+        self.score_tokens(self._chunks(documents, result), result)
+        return result
+
+    def score_tokens(self, chunks: Iterable[np.ndarray], result: Score) -> None:
+        """Add the NLL and count of every text token of the stream ``chunks`` joined to ``result``."""
+        windows = iter_windows(chunks, self.block_size, self.stride)
         while batch := list(itertools.islice(windows, self.batch_size)):
             self._score_batch(batch, result)
-        return result
 
     def _chunks(self, documents: Iterable[str], result: Score) -> Iterator[np.ndarray]:
         """Token ids of the documents, a batch at a time; counts documents and bytes into ``result``."""
@@ -228,8 +232,8 @@ def evaluate(checkpoint: str | Path, corpus: str | Path | Sequence[str | Path], 
 def evaluate_command(ckpt: Path, corpus: list[str], stride: int | None = None, batch_size: int = 8,
                      device: str | None = None, max_docs: int | None = None, json: bool = False,
                      text_field: str = "text", errors: str = "strict") -> int:
-    """Loss, perplexity and bits per byte of a checkpoint on any text, per file and overall. Bits per byte is the
-    figure that compares models with different tokenizers (loss and perplexity are per token of this one).
+    """Loss, perplexity and bits per byte of a checkpoint on any text, per file and overall.
+    Bits per byte compares models with different tokenizers; loss and perplexity are per token of this one.
 
     Args:
         ckpt: checkpoint written by azgpt fit.
