@@ -17,7 +17,7 @@ from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data.datamodule import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, RECIPES, GPTConfig
-from azgpt.train.muon import MuonWithAdamW, hidden_matrices
+from azgpt.train.muon import Muon, MuonWithAdamW, hidden_matrices
 from azgpt.train.numerics import UpdateGuard
 from azgpt.data.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
@@ -288,7 +288,7 @@ class AzGPT(L.LightningModule):
                              "flattens them (FSDP): use optimizer adamw or the ddp strategy")
         taken = {id(p) for p in hidden}
         groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]} for group in groups]
-        muon = torch.optim.Muon([{"params": hidden, "name": "muon"}], lr=hp.muon_lr, momentum=hp.muon_momentum,
+        muon = Muon([{"params": hidden, "name": "muon"}], lr=hp.muon_lr, momentum=hp.muon_momentum,
                                 weight_decay=hp.weight_decay)
         optimizer = MuonWithAdamW(muon, build_adamw(groups, **adamw_settings))
         return optimizer, [hp.muon_warmup_steps] + [hp.warmup_steps] * len(groups)

@@ -88,3 +88,28 @@ def test_muon_resume_is_bitwise_identical(tmp_path, data_dir, capsys) -> None:
     assert main(["fit", "--config", str(config), *MODERN]) == 143
     assert main(["fit", "--config", str(write_config(run, data_dir)), *MODERN, "--ckpt_path", "last"]) == 0
     assert assert_matches_reference(reference, [run]) == 0.0
+
+
+def test_muon_update_is_torchs_with_the_iteration_in_fp32_on_cpu(monkeypatch) -> None:
+    """In bf16 (as on GPUs) the update equals torch.optim.Muon's bitwise; in fp32 (CPUs) it stays close."""
+    import azgpt.train.muon as muon_module
+
+    torch.manual_seed(0)
+    theirs, ours, ours_fp32 = (torch.nn.Parameter(torch.randn(96, 32)) for _ in range(3))
+    with torch.no_grad():
+        ours.copy_(theirs)
+        ours_fp32.copy_(theirs)
+    torch_muon = torch.optim.Muon([theirs], lr=0.02)
+    bf16_muon, fp32_muon = muon_module.Muon([ours], lr=0.02), muon_module.Muon([ours_fp32], lr=0.02)
+    real = muon_module.orthogonalise
+    for _ in range(3):
+        grad = torch.randn(96, 32)
+        for p in (theirs, ours, ours_fp32):
+            p.grad = grad.clone()
+        torch_muon.step()
+        fp32_muon.step()
+        monkeypatch.setattr(muon_module, "orthogonalise", lambda m, c, s, e, d: real(m, c, s, e, torch.bfloat16))
+        bf16_muon.step()
+        monkeypatch.setattr(muon_module, "orthogonalise", real)
+    assert torch.equal(theirs, ours)
+    torch.testing.assert_close(ours_fp32, theirs, atol=2e-3, rtol=0)
