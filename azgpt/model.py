@@ -31,7 +31,8 @@ MLPS = ("gelu", "relu2", "swiglu")
 NORM_EPS = 1e-5  # LayerNorm's default, and RMSNorm's here so a Llama export can state one eps
 
 # Named architectures: the settings each changes from GPTConfig's defaults (which are GPT-2's).
-# "modern" is the combination bench/recipe.py measured best that Llama can also express (see the README).
+# "modern" is the combination later work (modded-nanogpt, nanochat) reports best that Llama can also express, so
+# it exports as LlamaForCausalLM; bench/recipe.py measures it against GPT-2's (figures in the README).
 RECIPES: dict[str, dict[str, Any]] = {
     "gpt2": {},
     "modern": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False, "zero_init": True},

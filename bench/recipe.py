@@ -132,7 +132,7 @@ def build_run(name: str, settings: dict[str, object], args: argparse.Namespace) 
     module = AzGPT(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                    n_head=args.n_head, n_embd=args.n_embd, learning_rate=args.learning_rate,
                    muon_lr=args.muon_lr, warmup_steps=args.warmup_steps, **settings)
-    optimizer, warmups = module._build_optimizer()
+    optimizer, warmups = module.build_optimizer()
     return Run(name, settings, module, optimizer, [g["lr"] for g in optimizer.param_groups], warmups,
                np.random.default_rng(args.seed))  # the same batches in the same order for every variant
 

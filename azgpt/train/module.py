@@ -270,12 +270,12 @@ class AzGPT(L.LightningModule):
         if self._trainer is not None and (self.trainer.max_steps is None or self.trainer.max_steps <= 0):
             raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
                              f"got {self.trainer.max_steps}")
-        optimizer, warmups = self._build_optimizer()
+        optimizer, warmups = self.build_optimizer()
         schedule = LambdaLR(optimizer, [
             lambda step, warmup=warmup: warmup_cosine(step, warmup, decay_steps, hp.min_lr_ratio) for warmup in warmups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
-    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, list[int]]:
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, list[int]]:
         """The optimizer, and the warmup length of each of its param groups."""
         hp = self.hparams
         groups = adamw_param_groups(self, hp.weight_decay)
@@ -289,7 +289,7 @@ class AzGPT(L.LightningModule):
         taken = {id(p) for p in hidden}
         groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]} for group in groups]
         muon = Muon([{"params": hidden, "name": "muon"}], lr=hp.muon_lr, momentum=hp.muon_momentum,
-                                weight_decay=hp.weight_decay)
+                    weight_decay=hp.weight_decay)
         optimizer = MuonWithAdamW(muon, build_adamw(groups, **adamw_settings))
         return optimizer, [hp.muon_warmup_steps] + [hp.warmup_steps] * len(groups)
 

@@ -2,8 +2,8 @@
 
 Lightning's automatic optimization (gradient accumulation, clipping, the NaN guard in the clipping hook,
 checkpoints with exact resume) drives exactly one optimizer per step; with two it requires manual
-optimization, which gives all of that up. ``MuonWithAdamW`` presents torch's own Muon and AdamW as one
-optimizer instead: their param groups are its param groups, its step runs the closure once and then both.
+optimization, which gives all of that up. ``MuonWithAdamW`` presents a Muon (torch's, see ``Muon``) and AdamW as
+one optimizer instead: their param groups are its param groups, its step runs the closure once and then both.
 """
 
 from __future__ import annotations

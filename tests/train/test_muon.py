@@ -23,7 +23,7 @@ def tiny_module(**kwargs) -> AzGPT:
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
     module = tiny_module(recipe="modern")
-    optimizer, warmups = module._build_optimizer()
+    optimizer, warmups = module.build_optimizer()
     assert isinstance(optimizer, MuonWithAdamW) and module.hparams.optimizer == "muon"
     hidden = {id(p) for p in hidden_matrices(module.model)}
     assert len(hidden) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
@@ -32,13 +32,13 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
     assert not rest & hidden and rest | hidden == {id(p) for p in module.parameters()}
     assert [g["name"] for g in optimizer.param_groups] == ["muon", "decay", "no_decay"]
     assert warmups == [0, 100, 100]
-    assert tiny_module(recipe="modern", optimizer="adamw")._build_optimizer()[0].__class__ is not MuonWithAdamW
+    assert tiny_module(recipe="modern", optimizer="adamw").build_optimizer()[0].__class__ is not MuonWithAdamW
 
 
 def test_state_dict_round_trips_and_a_failed_closure_changes_nothing() -> None:
     torch.manual_seed(0)
     module = tiny_module(recipe="modern", zero_init=False)
-    optimizer, _ = module._build_optimizer()
+    optimizer, _ = module.build_optimizer()
     idx = torch.randint(0, 64, (2, 8))
 
     def closure():
@@ -53,7 +53,7 @@ def test_state_dict_round_trips_and_a_failed_closure_changes_nothing() -> None:
     assert len(optimizer.state) == len(saved["state"])
     twin = tiny_module(recipe="modern", zero_init=False)
     twin.load_state_dict(module.state_dict())
-    twin_optimizer, _ = twin._build_optimizer()
+    twin_optimizer, _ = twin.build_optimizer()
     twin_optimizer.load_state_dict(saved)
     optimizer.step(closure)
 
