@@ -32,8 +32,12 @@ CONFIG_KEYS = tuple(f.name for f in fields(GPTConfig))
 # What must match to load weights into a model; dropout is a training setting and may change on resume.
 ARCHITECTURE_KEYS = tuple(key for key in CONFIG_KEYS if key != "dropout")
 # Defaults of settings added after the first checkpoints were written: an older checkpoint without the
-# key was trained with this value (GPT-2's tanh GELU before `activation` existed).
-LEGACY_DEFAULTS = {"activation": "gelu_tanh"}
+# key was trained with this value (GPT-2's tanh GELU before `activation` existed; GPT-2's architecture before
+# the modern recipe's options existed, which are GPTConfig's defaults).
+LEGACY_DEFAULTS = {"activation": "gelu_tanh",
+                   **{f.name: f.default for f in fields(GPTConfig)
+                      if f.name in ("position", "rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings",
+                                    "zero_init", "logit_softcap")}}
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"  # how torch's safe unpickler begins its refusal
 

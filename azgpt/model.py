@@ -1,7 +1,13 @@
-"""A small GPT-2 style decoder-only transformer, in plain PyTorch.
+"""A small decoder-only transformer, in plain PyTorch: GPT-2 by default, with the later improvements as options.
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (transformer.wte, transformer.h.{i}.attn.c_attn, ...)
 so that the weights can be exported later. Generation supports a simple KV cache.
+
+Each option of GPTConfig changes one thing and defaults to GPT-2's choice: rotary position embeddings instead of
+a learned table (``position``), RMSNorm instead of LayerNorm (``norm``), normalised queries and keys (``qk_norm``),
+a squared-ReLU or SwiGLU feed-forward network (``mlp``), a head separate from the token embedding
+(``tie_embeddings``), residual projections that start at zero (``zero_init``) and tanh-capped logits
+(``logit_softcap``). ``RECIPES`` names the combinations.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +25,18 @@ from torch import Tensor
 
 # activation name -> nn.GELU's `approximate` argument
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
+NORM_EPS = 1e-5  # LayerNorm's default, and RMSNorm's here so a Llama export can state one eps
+
+# Named architectures: the settings each changes from GPTConfig's defaults (which are GPT-2's).
+# "modern" is the combination later work (modded-nanogpt, nanochat) reports best that Llama can also express, so
+# it exports as LlamaForCausalLM; bench/recipe.py measures it against GPT-2's (figures in the README).
+RECIPES: dict[str, dict[str, Any]] = {
+    "gpt2": {},
+    "modern": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False, "zero_init": True},
+}
 
 
 @dataclass
@@ -34,6 +53,14 @@ class GPTConfig:
     # "gelu" is exact (erf); "gelu_tanh" is GPT-2's tanh approximation, about 3x slower in bf16 on CPUs
     # (5% of a training step on the reference config) and the default of checkpoints written before this setting.
     activation: str = "gelu"
+    position: str = "learned"  # "learned": GPT-2's table of position vectors; "rope": rotary embeddings
+    rope_theta: float = 10000.0  # RoPE's base wavelength
+    norm: str = "layernorm"  # or "rmsnorm" (no mean subtraction, no bias)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    mlp: str = "gelu"  # "gelu" (with `activation`) and "relu2" (squared ReLU): 4*n_embd wide; "swiglu": gated SiLU
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
+    zero_init: bool = False  # residual output projections (and an untied head) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -48,6 +75,30 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position rope needs an even head size, got n_embd / n_head = {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.logit_softcap >= 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap!r}")
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "gpt2", **settings: Any) -> GPTConfig:
+        """The config of a named recipe (see RECIPES); ``settings`` that are not None override it."""
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        return cls(**{**RECIPES[recipe], **{k: v for k, v in settings.items() if v is not None}})
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of the feed-forward layer: 4*n_embd, or for SwiGLU (three matrices instead of two) 8/3*n_embd
+        rounded up to a multiple of 16, so both hold about the same number of weights."""
+        if self.mlp == "swiglu":
+            return (8 * self.n_embd // 3 + 15) // 16 * 16
+        return 4 * self.n_embd
 
     @property
     def padded_vocab_size(self) -> int:
@@ -57,6 +108,28 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (length, head_dim), of rotary embeddings; frequency i rotates the pair of channels
+    (i, i + head_dim/2), the layout of Hugging Face's Llama, so weights export without a permutation."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, n_head, T, head_dim) by the angles of its T positions (cos, sin: (T, head_dim))."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+    return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
 
 
 class KVCache:
@@ -95,18 +168,25 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        """x (B,T,C) -> (B,T,C). With `kv` (one layer's cache buffers) x holds positions start..start+T-1."""
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B,T,C) -> (B,T,C). With `kv` (one layer's cache buffers) x holds positions start..start+T-1;
+        `rope` is the (cos, sin) of those positions when the model uses rotary embeddings."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),), eps=NORM_EPS), F.rms_norm(k, (k.size(-1),), eps=NORM_EPS)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout_p = self.dropout if self.training else 0.0
 
         if kv is None:
@@ -130,52 +210,71 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: n_embd -> 4*n_embd -> GELU -> n_embd."""
+    """Position-wise feed-forward network: n_embd -> mlp_hidden -> GELU or ReLU² -> n_embd, or for SwiGLU
+    silu(gate) * up with gate and up the two halves of c_fc's output."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=ACTIVATIONS[config.activation])
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        if self.kind == "gelu":
+            self.gelu = nn.GELU(approximate=ACTIVATIONS[config.activation])
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = self.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-norm transformer block."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv, start)
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv, start, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class GPT(nn.Module):
-    """GPT-2 style language model with a language-model head tied to the token embedding."""
+    """GPT language model: token embedding (plus a learned position table or rotary embeddings), blocks, head."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        layers = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))
+        if config.position == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
         )
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one Parameter
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying: one Parameter
+        if config.position == "rope":
+            # Computed, not learned: kept out of the state dict.
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
         self.apply(self._init_weights)
         # Residual projections add into the stream 2*n_layer times; scale them down so the
@@ -184,6 +283,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
+        if config.zero_init:
+            # Each block starts as the identity and the model as a uniform predictor; the gradients still
+            # reach every projection (their inputs are not zero), so they leave zero on the first steps.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not config.tie_embeddings):
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -195,21 +300,22 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Number of parameters (the tied wte/lm_head weight counted once).
+        """Number of parameters (a tied wte/lm_head weight counted once).
 
-        With non_embedding=True the token and position embeddings are left out; note that the token
-        embedding is also the lm_head weight, so this excludes the head too.
+        With non_embedding=True the token and position embeddings are left out; note that a tied token
+        embedding is also the lm_head weight, so this then excludes the head too.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= sum(layer.weight.numel() for name, layer in self.transformer.items() if name in ("wte", "wpe"))
         return n
 
     def use_activation(self, name: str) -> None:
-        """Switch every MLP to activation ``name`` (GELU has no weights, so trained weights stay valid)."""
+        """Switch every GELU MLP to activation ``name`` (GELU has no weights, so trained weights stay valid)."""
         self.config = replace(self.config, activation=name)
         for block in self.transformer.h:
-            block.mlp.gelu = nn.GELU(approximate=ACTIVATIONS[name])
+            if block.mlp.kind == "gelu":
+                block.mlp.gelu = nn.GELU(approximate=ACTIVATIONS[name])
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6*N + 6*n_layer*n_embd*block_size.
@@ -218,7 +324,7 @@ class GPT(nn.Module):
         QK^T and AV matmuls at full context.
         """
         cfg = self.config
-        n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        n = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
         return 6 * n + 6 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def _check_idx(self, idx: Tensor, start: int = 0) -> None:
@@ -238,13 +344,19 @@ class GPT(nn.Module):
         """Shared body of forward and forward_cached; returns logits (B, T, padded_vocab_size)."""
         start = 0 if cache is None else cache.pos
         T = idx.size(1)
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = block(x, kv, start)
-        x = self.transformer.ln_f(x)
-        return self.lm_head(x)
+            x = block(x, kv, start, rope)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """idx (B,T) int64 -> logits (B,T,padded_vocab_size) and mean cross-entropy loss if targets given.

@@ -24,3 +24,29 @@ def test_throughput_benchmark_smoke_run(tmp_path) -> None:
     assert "data: RANDOM tokens (--random-tokens)" in out
     for line in ("azgpt fit ", "plain loop ", "fit / plain:", "validation: full pass"):
         assert line in out
+
+
+@pytest.mark.slow
+def test_recipe_benchmark_smoke_run(tmp_path) -> None:
+    """bench/recipe.py end to end on a tiny corpus standing in for ../shared/corpus (figures not checked)."""
+    import gzip
+
+    from azgpt.data.corpus import iter_documents
+
+    documents = list(iter_documents(None))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index, name in enumerate(("web", "legal", "quran", "social", "wiki", "poetry")):
+        with gzip.open(corpus / f"{name}.txt.gz", "wt", encoding="utf-8") as f:
+            f.write("\n\n".join(documents[index::6]))
+    command = [sys.executable, str(REPO / "bench" / "recipe.py"), "--corpus", str(corpus), "--cache-dir",
+               str(tmp_path / "cache"), "--minutes", "0.05", "--turn", "1", "--n-layer", "1", "--n-head", "2",
+               "--n-embd", "32", "--block-size", "32", "--batch-size", "2", "--vocab-size", "300",
+               "--eval-blocks", "2", "--threads", "1", "--variants", "gpt2", "modern", "ablation:recipe=modern,qk_norm=true"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("command: PYTHONPATH=. python bench/recipe.py --corpus")
+    assert "time to reach gpt2's final held-out bits per byte" in out
+    for name in ("gpt2", "modern", "ablation"):
+        assert f"{name}:" in out

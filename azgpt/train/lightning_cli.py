@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
-from azgpt.train.module import AzGPT, check_same_architecture
+from azgpt.train.module import AzGPT, check_same_architecture, with_recipe
 from azgpt.train.trainer import choose_precision, with_azgpt_defaults
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ class AzGPTCLI(LightningCLI):
         configured = dict(vars(self.config[subcommand].model)) if subcommand else {}
         super()._parse_ckpt_path()
         if subcommand:
-            check_same_architecture(dict(vars(self.config[subcommand].model)), configured)
+            check_same_architecture(with_recipe(dict(vars(self.config[subcommand].model))), with_recipe(configured))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -16,11 +16,16 @@ from azgpt.checkpoint import ARCHITECTURE_KEYS, CHECKPOINT_KEY, azgpt_entry, upg
 from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.data.datamodule import PAD_TARGET
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, GPTConfig
+from azgpt.model import GPT, RECIPES, GPTConfig
+from azgpt.train.muon import Muon, MuonWithAdamW, hidden_matrices
 from azgpt.train.numerics import UpdateGuard
 from azgpt.data.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 DATA_SUMMARY_KEYS = ("source", "corpora", "normalization", "tokenizer_sha256")
+OPTIMIZERS = ("adamw", "muon")
+RECIPE_OPTIMIZERS = {"gpt2": "adamw", "modern": "muon"}  # the optimizer that is part of each named recipe
+# Architecture settings a recipe chooses when left at None (see azgpt.model.RECIPES)
+RECIPE_KEYS = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap")
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -29,6 +34,14 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def with_recipe(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with the settings left at None taken from its recipe (GPT-2's values unless it names one)."""
+    recipe = hparams.get("recipe") or "gpt2"
+    chosen = {**{key: getattr(GPTConfig, key) for key in RECIPE_KEYS}, **RECIPES.get(recipe, {}),
+              "optimizer": RECIPE_OPTIMIZERS.get(recipe, "adamw")}
+    return {**hparams, **{key: value for key, value in chosen.items() if hparams.get(key, None) is None}}
 
 
 def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any]) -> None:
@@ -74,7 +87,17 @@ class AzGPT(L.LightningModule):
     Args:
         vocab_size: vocabulary of the tokenizer (linked from the data in configs).
         block_size: context length (linked from the data in configs).
-        n_layer, n_head, n_embd, dropout, bias: the architecture (see ``GPTConfig``).
+        n_layer, n_head, n_embd, dropout, bias, activation: the architecture (see ``GPTConfig``).
+        recipe: a named combination of the settings below and the optimizer: ``gpt2`` (learned positions,
+            LayerNorm, GELU, tied head, AdamW) or ``modern`` (RoPE, RMSNorm, SwiGLU, untied zero-initialised
+            head and projections, Muon). A setting given explicitly overrides the recipe's.
+        position, rope_theta, norm, qk_norm, mlp, tie_embeddings, zero_init, logit_softcap: the architecture
+            options of ``GPTConfig``; None takes the recipe's value.
+        optimizer: ``adamw`` for every weight, or ``muon``: torch's Muon for the 2-D weights inside the blocks and
+            AdamW for the embedding, head, norms and biases (None: the recipe's).
+        muon_lr: Muon's peak learning rate (its own; ``learning_rate`` stays AdamW's).
+        muon_momentum: Muon's momentum.
+        muon_warmup_steps: Muon's own linear warmup; it then follows the same cosine as AdamW.
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps`` optimizer steps.
         min_lr_ratio: the cosine ends at ``learning_rate * min_lr_ratio``.
         warmup_steps: linear warmup length in optimizer steps.
@@ -94,6 +117,19 @@ class AzGPT(L.LightningModule):
         dropout: float = 0.0,
         bias: bool = False,
         activation: str = "gelu",
+        recipe: str = "gpt2",
+        position: str | None = None,
+        rope_theta: float = 10000.0,
+        norm: str | None = None,
+        qk_norm: bool | None = None,
+        mlp: str | None = None,
+        tie_embeddings: bool | None = None,
+        zero_init: bool | None = None,
+        logit_softcap: float | None = None,
+        optimizer: str | None = None,
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_warmup_steps: int = 0,
         learning_rate: float = 6e-4,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
@@ -106,11 +142,19 @@ class AzGPT(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        options = dict(position=position, norm=norm, qk_norm=qk_norm, mlp=mlp, tie_embeddings=tie_embeddings,
+                       zero_init=zero_init, logit_softcap=logit_softcap)
         try:
-            self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                                    n_embd=n_embd, dropout=dropout, bias=bias, activation=activation)
+            self.config = GPTConfig.from_recipe(recipe, vocab_size=vocab_size, block_size=block_size,
+                                                n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
+                                                bias=bias, activation=activation, rope_theta=rope_theta, **options)
         except ValueError as exc:
             raise AzGPTError(f"model: {exc}") from None
+        optimizer = optimizer or RECIPE_OPTIMIZERS[recipe]
+        if optimizer not in OPTIMIZERS:
+            raise AzGPTError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        # Checkpoints record what was built, not None: they load without knowing what the recipe was then.
+        self.hparams.update({key: getattr(self.config, key) for key in RECIPE_KEYS}, optimizer=optimizer)
         if learning_rate <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
             raise AzGPTError(f"model: need learning_rate > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0; got "
                              f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
@@ -222,15 +266,33 @@ class AzGPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = build_adamw(adamw_param_groups(self, hp.weight_decay), lr=hp.learning_rate,
-                                betas=(hp.beta1, hp.beta2), eps=hp.eps)
         # max_steps is checked here, the one place every fit (CLI or notebook) passes before training.
         decay_steps = hp.decay_steps or self.trainer.max_steps
         if self._trainer is not None and (self.trainer.max_steps is None or self.trainer.max_steps <= 0):
             raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
                              f"got {self.trainer.max_steps}")
-        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, hp.min_lr_ratio))
+        optimizer, warmups = self.build_optimizer()
+        schedule = LambdaLR(optimizer, [
+            lambda step, warmup=warmup: warmup_cosine(step, warmup, decay_steps, hp.min_lr_ratio) for warmup in warmups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, list[int]]:
+        """The optimizer, and the warmup length of each of its param groups."""
+        hp = self.hparams
+        groups = adamw_param_groups(self, hp.weight_decay)
+        adamw_settings = dict(lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps)
+        if hp.optimizer == "adamw":
+            return build_adamw(groups, **adamw_settings), [hp.warmup_steps] * len(groups)
+        hidden = hidden_matrices(self.model)
+        if any(p.dim() != 2 for p in hidden):
+            raise AzGPTError("model.optimizer muon needs the blocks' weights as matrices, and this strategy "
+                             "flattens them (FSDP): use optimizer adamw or the ddp strategy")
+        taken = {id(p) for p in hidden}
+        groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]} for group in groups]
+        muon = Muon([{"params": hidden, "name": "muon"}], lr=hp.muon_lr, momentum=hp.muon_momentum,
+                    weight_decay=hp.weight_decay)
+        optimizer = MuonWithAdamW(muon, build_adamw(groups, **adamw_settings))
+        return optimizer, [hp.muon_warmup_steps] + [hp.warmup_steps] * len(groups)
 
     # -- evaluation: total NLL / total tokens over every batch and rank --------------------------------
 

@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face ``GPT2LMHeadModel`` folder, without needing ``transformers``.
+"""Export a checkpoint as a Hugging Face ``GPT2LMHeadModel`` folder, without needing ``transformers``
+(a modern-recipe model as ``LlamaForCausalLM``: see ``azgpt.use.export_llama``).
 
 The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json`` and a model card ``README.md``; then
@@ -24,6 +25,7 @@ from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.data.chat import ChatTemplate
+from azgpt.use.export_llama import hf_architecture, llama_config, llama_state_dict
 from azgpt.data.tokenizer import EOT
 
 # azgpt activation -> transformers' activation_function with the same formula
@@ -116,18 +118,21 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
     """A short ``README.md``: what the model is, what it was trained on, how well it did, how to load it."""
     cfg = model.config
     summary = checkpoint.summary
-    params = model.num_params(non_embedding=False) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    hf_class = hf_architecture(cfg)
+    style, tag = ("Llama", "llama") if hf_class == "LlamaForCausalLM" else ("GPT-2", "gpt2")
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
+    params = model.num_params(non_embedding=False) - padding
     lines = [
         "---",
         "language: az",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [gpt2, azerbaijani, azgpt]",
+        f"tags: [{tag}, azerbaijani, azgpt]",
         "---",
         "",
         f"# {folder_name}",
         "",
-        f"A GPT-2 style language model for Azerbaijani, trained from scratch with azgpt {__version__}.",
+        f"A {style} style language model for Azerbaijani, trained from scratch with azgpt {__version__}.",
         "",
         "## Model",
         "",
@@ -150,8 +155,8 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         "## Use",
         "",
         "```python",
-        "from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast",
-        f'model = GPT2LMHeadModel.from_pretrained("{folder_name}")',
+        f"from transformers import {hf_class}, PreTrainedTokenizerFast",
+        f'model = {hf_class}.from_pretrained("{folder_name}")',
         f'tokenizer = PreTrainedTokenizerFast.from_pretrained("{folder_name}")',
         'ids = tokenizer("Azərbaycan", return_tensors="pt").input_ids',
         "out = model.generate(ids, max_new_tokens=50, do_sample=True, temperature=0.8, top_k=50)",
@@ -207,11 +212,16 @@ def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str,
     except ImportError:
         raise AzGPTError("export needs the safetensors package: pip install 'azgpt[export]' "
                          "(or pip install safetensors)") from None
+    hf_class = hf_architecture(model.config)  # raises for what neither GPT-2 nor Llama computes
     eot_id = tokenizer.token_to_id(EOT)
+    if hf_class == "LlamaForCausalLM":
+        weights, config = llama_state_dict(model), llama_config(model, eot_id)
+    else:
+        weights, config = gpt2_state_dict(model), gpt2_config(model, eot_id)
     tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size, chat_template)
     contents = {
-        "model.safetensors": save(gpt2_state_dict(model), metadata={"format": "pt"}),
-        "config.json": _json_bytes(gpt2_config(model, eot_id)),
+        "model.safetensors": save(weights, metadata={"format": "pt"}),
+        "config.json": _json_bytes(config),
         "tokenizer.json": tokenizer.to_str(pretty=True).encode("utf-8"),
         "tokenizer_config.json": _json_bytes(tokenizer_config),
         "special_tokens_map.json": _json_bytes(special_tokens),
@@ -254,9 +264,9 @@ def _json_bytes(content: dict[str, Any]) -> bytes:
 
 def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Literal["hf", "gguf"] = "hf",
                    outtype: str | None = None) -> int:
-    """Write a checkpoint as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors, tokenizer
-    files, README.md model card; needs safetensors, not transformers), or with --format gguf as one GGUF file
-    for llama.cpp and Ollama plus an Ollama Modelfile (needs the gguf package).
+    """Write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, or LlamaForCausalLM for the modern recipe:
+    config.json, model.safetensors, tokenizer files, README.md model card; needs safetensors, not transformers),
+    or with --format gguf as one GGUF file for llama.cpp and Ollama plus an Ollama Modelfile (needs gguf).
 
     Args:
         ckpt: checkpoint written by azgpt fit.
@@ -279,6 +289,7 @@ def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Liter
     if outtype is not None:
         raise AzGPTError("--outtype applies to --format gguf; the Hugging Face folder is always float32")
     written = export_checkpoint(ckpt, out, overwrite=overwrite)
-    print(f"exported {ckpt} to {written}/ (load it with GPT2LMHeadModel.from_pretrained and "
+    hf_class = json.loads((written / "config.json").read_text())["architectures"][0]
+    print(f"exported {ckpt} to {written}/ (load it with {hf_class}.from_pretrained and "
           f"PreTrainedTokenizerFast.from_pretrained)")
     return 0

@@ -16,8 +16,6 @@ Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt genera
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -27,11 +25,13 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
+from azgpt.atomic import atomic_folder, write_error
 from azgpt.checkpoint import Checkpoint, load_checkpoint
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.use.export import CONV1D_WEIGHTS, gpt2_state_dict
+from azgpt.use.export_llama import hf_architecture
 
 OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp's gpt2 runs
 OUTTYPES: tuple[str, ...] = get_args(OutType)
@@ -261,26 +261,6 @@ def gelu_note(model: GPT, tokenizer: Tokenizer) -> str | None:
             f"likeliest next token stays the same at {agree:.0%} of positions")
 
 
-def check_out_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished files of ``staging`` into ``out``: one rename for a new or empty ``out``, else one
-    rename per file (``--overwrite``), so no reader ever sees a half-written file."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    staging.rmdir()
-
-
 def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType = DEFAULT_OUTTYPE,
                 overwrite: bool = False) -> tuple[Path, str | None]:
     """Export ``checkpoint_path`` into the folder ``out`` as ``<out name>-<outtype>.gguf`` and ``Modelfile``.
@@ -290,20 +270,24 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
     """
     import_gguf()
     out = Path(out)
-    check_out_folder(out, overwrite)
     check_outtype_name(outtype)
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model("cpu")
+    if hf_architecture(model.config) != "GPT2LMHeadModel":
+        raise AzGPTError(f"{checkpoint_path}: GGUF export writes llama.cpp's gpt2 architecture, and this model is "
+                         f"the modern (Llama-style) recipe: export it with --format hf (a LlamaForCausalLM folder) "
+                         f"and convert that with llama.cpp's convert_hf_to_gguf.py")
     chat = ChatTemplate.from_checkpoint(checkpoint)
     name = out.resolve().name
     gguf_name = f"{name}-{outtype}.gguf"
-    staging = out.resolve().parent / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed export of this process id
-    staging.mkdir(parents=True)
     try:
-        write_gguf(model, checkpoint.tokenizer, staging / gguf_name, outtype, name=name, chat=chat)
-        (staging / "Modelfile").write_text(modelfile(gguf_name, name, model.config.block_size, chat), encoding="utf-8")
-        publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_folder(out, overwrite=overwrite) as staging:
+            write_gguf(model, checkpoint.tokenizer, staging / gguf_name, outtype, name=name, chat=chat)
+            (staging / "Modelfile").write_text(modelfile(gguf_name, name, model.config.block_size, chat),
+                                               encoding="utf-8")
+    except OSError as exc:
+        error = write_error(exc, out, "--out")
+        if error is None:
+            raise
+        raise error from None
     return out / gguf_name, gelu_note(model, checkpoint.tokenizer)

@@ -1,0 +1,91 @@
+"""A modern-recipe model as Hugging Face ``LlamaForCausalLM`` (weights and config.json), and which class fits a model.
+
+Llama is this architecture exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
+attention and MLP, a SwiGLU MLP, no position table, a head tied or not. azgpt's fused ``c_attn`` splits into
+``q_proj``, ``k_proj``, ``v_proj``, and ``c_fc`` (gate then up) into ``gate_proj`` and ``up_proj``; nn.Linear
+layouts need no transpose. QK-norm and logit soft-capping have no Llama equivalent, so models using them are
+refused rather than exported with different logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from azgpt.errors import AzGPTError
+from azgpt.model import NORM_EPS, GPT, GPTConfig
+
+# What each Hugging Face class can express: the GPTConfig settings it needs.
+GPT2_NEEDS = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0,
+              "tie_embeddings": True}
+LLAMA_NEEDS = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0}
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """``GPT2LMHeadModel`` or ``LlamaForCausalLM``: the Hugging Face class that computes what ``config`` does."""
+    for name, needs in (("GPT2LMHeadModel", GPT2_NEEDS), ("LlamaForCausalLM", LLAMA_NEEDS)):
+        if all(getattr(config, key) == value for key, value in needs.items()):
+            return name
+    closest = LLAMA_NEEDS if config.position == "rope" else GPT2_NEEDS
+    differ = ", ".join(f"{key} {getattr(config, key)!r} (needs {value!r})" for key, value in closest.items()
+                       if getattr(config, key) != value)
+    raise AzGPTError(f"this model cannot be exported to Hugging Face: neither GPT-2 nor Llama computes what it does "
+                     f"({differ}); train with recipe gpt2 or modern, whose models export as GPT-2 and Llama")
+
+
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """``model``'s weights under LlamaForCausalLM's names, embedding and head cut to the tokenizer's vocab_size."""
+    cfg = model.config
+    C, V = cfg.n_embd, cfg.vocab_size
+    source = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": source["transformer.wte.weight"][:V],
+           "model.norm.weight": source["transformer.ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = source["lm_head.weight"][:V]
+    for i in range(cfg.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = source[ours + "ln_1.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = source[ours + "ln_2.weight"]
+        for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+            q, k, v = source[f"{ours}attn.c_attn.{suffix}"].split(C, dim=0)
+            gate, up = source[f"{ours}mlp.c_fc.{suffix}"].chunk(2, dim=0)
+            out.update({
+                f"{theirs}self_attn.q_proj.{suffix}": q, f"{theirs}self_attn.k_proj.{suffix}": k,
+                f"{theirs}self_attn.v_proj.{suffix}": v,
+                f"{theirs}self_attn.o_proj.{suffix}": source[f"{ours}attn.c_proj.{suffix}"],
+                f"{theirs}mlp.gate_proj.{suffix}": gate, f"{theirs}mlp.up_proj.{suffix}": up,
+                f"{theirs}mlp.down_proj.{suffix}": source[f"{ours}mlp.c_proj.{suffix}"],
+            })
+    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+
+
+def llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
+    """``config.json`` for LlamaForCausalLM with ``model``'s architecture."""
+    cfg = model.config
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": NORM_EPS,
+        "rope_theta": cfg.rope_theta,  # transformers before v5
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # v5
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": 0.02,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+

@@ -1,0 +1,98 @@
+"""A modern-recipe model exports as a Hugging Face LlamaForCausalLM folder with the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from azgpt.checkpoint import load_checkpoint
+from azgpt.cli import main
+from azgpt.errors import AzGPTError
+from azgpt.model import GPT, RECIPES, GPTConfig
+from azgpt.use.export import write_hf_folder
+from azgpt.use.export_llama import hf_architecture
+from conftest import TINY_FIT
+
+TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. 1918-ci il 28 may!\nYeni sətir"
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+def random_modern(vocab_size: int, **overrides) -> GPT:
+    """A modern-recipe model with every weight random (zero_init off, norm gains and biases drawn too), so a
+    misplaced, transposed or swapped tensor would change the logits."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=vocab_size, block_size=40, n_layer=2, n_head=4, n_embd=32,
+                       **{**RECIPES["modern"], "zero_init": False, "rope_theta": 500.0, **overrides})
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                param.normal_(1.0 if "ln" in name else 0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": True}], ids=["plain", "bias", "tied"])
+def test_llama_export_has_the_same_logits_and_greedy_text(tiny_run, tmp_path: Path, transformers, overrides) -> None:
+    tokenizer = load_checkpoint(tiny_run.ckpt).tokenizer
+    model = random_modern(tokenizer.get_vocab_size(), **overrides)
+    write_hf_folder(model, tokenizer, tmp_path / "hf", "card")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["intermediate_size"] == model.config.mlp_hidden
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = tokenizer.encode(TEXT).ids[:40]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
+        theirs = hf_model(torch.tensor([ids])).logits[0]
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    prompt = ids[:5]
+    greedy = [int(t) for t in model.generate(torch.tensor([prompt]), 20, temperature=0.0)]
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                            pad_token_id=0)
+    assert out[0, len(prompt):].tolist() == greedy
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"qk_norm": True}, "qk_norm True"),
+    ({"logit_softcap": 15.0}, "logit_softcap 15.0"),
+    ({"mlp": "relu2"}, "mlp 'relu2'"),
+    ({"position": "learned"}, "tie_embeddings False"),
+])
+def test_what_neither_gpt2_nor_llama_computes_is_refused(tmp_path: Path, overrides, message) -> None:
+    model = random_modern(300, **overrides)
+    with pytest.raises(AzGPTError, match=f"cannot be exported.*{message}"):
+        write_hf_folder(model, None, tmp_path / "hf", "card")
+    assert not (tmp_path / "hf").exists()
+    assert hf_architecture(GPTConfig()) == "GPT2LMHeadModel"
+
+
+@pytest.mark.slow
+def test_export_verb_writes_a_llama_folder_for_a_modern_checkpoint(tmp_path: Path, transformers, capsys) -> None:
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main([*TINY_FIT, "--data.data_dir", str(tmp_path / "data"), "--model.recipe", "modern"]) == 0
+    finally:
+        os.chdir(cwd)
+    ckpt = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert "LlamaForCausalLM.from_pretrained" in capsys.readouterr().out
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "A Llama style" in card and "LlamaForCausalLM.from_pretrained" in card
+    checkpoint = load_checkpoint(ckpt)
+    model = checkpoint.build_model()
+    assert model.config.position == "rope" and not model.config.tie_embeddings
+    ids = checkpoint.tokenizer.encode(TEXT).ids[:64]
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
+        theirs = hf_model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
