@@ -16,7 +16,6 @@ Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt genera
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -26,7 +25,8 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import atomic_folder, write_error
-from azgpt.checkpoint import Checkpoint, load_checkpoint
+from azgpt.checkpoint import load_checkpoint
+from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
@@ -40,7 +40,6 @@ ARCH = "gpt2"  # llama.cpp's name for GPT-2's architecture
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
 LAYER_NORM_EPS = 1e-5
 PROBE_TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir."
-CHAT_TEMPLATE_FORMAT = "azgpt-chat-1"  # the format of checkpoint["azgpt"]["chat_template"] this module reads
 # Ollama's defaults for a model without its own: azgpt generate's temperature, a top-k/top-p cut that keeps a
 # small model off its long tail, and as many new tokens as azgpt generate writes.
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repeat_penalty": 1.1, "num_predict": 200}
@@ -56,45 +55,11 @@ def import_gguf() -> Any:
     return gguf
 
 
-@dataclass(frozen=True)
-class ChatTemplate:
-    """The special tokens of a fine-tuned model's conversation format, as stored in its checkpoint.
-
-    A conversation renders as ``<|endoftext|>`` then, per message, its role token, its text and the end token;
-    to answer, the model gets the assistant's role token and writes until the end token.
-    """
-
-    role_tokens: dict[str, str]
-    end_token: str
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint) -> ChatTemplate | None:
-        """The checkpoint's chat template, ``None`` for a model that was not fine-tuned for chat."""
-        stored = checkpoint.summary.get("chat_template")
-        if stored is None:
-            return None
-        if not isinstance(stored, dict) or stored.get("format") != CHAT_TEMPLATE_FORMAT:
-            found = stored.get("format") if isinstance(stored, dict) else type(stored).__name__
-            raise AzGPTError(f"{checkpoint.path} holds a chat template of format {found!r}; this azgpt exports "
-                             f"{CHAT_TEMPLATE_FORMAT!r}: upgrade azgpt")
-        roles = stored.get("role_tokens") or {}
-        if not {"user", "assistant"} <= set(roles) or not stored.get("end_token"):
-            raise AzGPTError(f"{checkpoint.path}: its chat template lacks the user/assistant or end tokens")
-        return cls(role_tokens=dict(roles), end_token=stored["end_token"])
-
-    def jinja(self) -> str:
-        """The template as Jinja, the ``tokenizer.chat_template`` llama.cpp and transformers apply."""
-        roles = "".join(f"{{%- if message['role'] == '{role}' %}}{token}{{%- endif %}}"
-                        for role, token in self.role_tokens.items())
-        return (f"{EOT}{{%- for message in messages %}}{roles}{{{{ message['content'] }}}}{self.end_token}"
-                f"{{%- endfor %}}{{%- if add_generation_prompt %}}{self.role_tokens['assistant']}{{%- endif %}}")
-
-    def go_template(self) -> str:
-        """The template in Go's text/template, which Ollama's ``TEMPLATE`` takes instead of Jinja."""
-        roles = "".join(f'{{{{- if eq .Role "{role}" }}}}{token}{{{{- end }}}}'
-                        for role, token in self.role_tokens.items())
-        return (f"{EOT}{{{{- range .Messages }}}}{roles}{{{{ .Content }}}}{self.end_token}{{{{- end }}}}"
-                f"{self.role_tokens['assistant']}")
+def ollama_template(chat: ChatTemplate) -> str:
+    """``chat`` in Go's text/template, which Ollama's ``TEMPLATE`` takes instead of Jinja (``chat.jinja()``)."""
+    roles = "".join(f'{{{{- if eq .Role "{role}" }}}}{token}{{{{- end }}}}' for role, token in chat.role_tokens.items())
+    return (f"{EOT}{{{{- range .Messages }}}}{roles}{{{{ .Content }}}}{chat.end_token}{{{{- end }}}}"
+            f"{chat.role_tokens['assistant']}")
 
 
 def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
@@ -224,7 +189,7 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = 
 def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | None) -> str:
     """An Ollama ``Modelfile`` for the GGUF file ``gguf_name`` beside it; ``name`` is the suggested model name."""
     name = name.lower()  # Ollama's model names are lower case
-    template = chat.go_template() if chat else "{{ .Prompt }}"
+    template = ollama_template(chat) if chat else "{{ .Prompt }}"
     stops = [EOT] + ([chat.end_token] if chat else [])
     lines = [
         f"# Ollama model file written by azgpt {__version__}. In this folder:",
@@ -265,11 +230,15 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
                 overwrite: bool = False) -> tuple[Path, str | None]:
     """Export ``checkpoint_path`` into the folder ``out`` as ``<out name>-<outtype>.gguf`` and ``Modelfile``.
 
-    Files are written into a hidden sibling folder and renamed into place once complete. Returns the GGUF
+    Written all at once (``azgpt.atomic.atomic_folder``): a failure leaves ``out`` as it was. Returns the GGUF
     file's path and, for a model trained with exact GELU, a note on what llama.cpp's tanh GELU changes.
     """
     import_gguf()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # before the slow part; atomic_folder checks again
+        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
     check_outtype_name(outtype)
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model("cpu")
@@ -277,14 +246,15 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
         raise AzGPTError(f"{checkpoint_path}: GGUF export writes llama.cpp's gpt2 architecture, and this model is "
                          f"the modern (Llama-style) recipe: export it with --format hf (a LlamaForCausalLM folder) "
                          f"and convert that with llama.cpp's convert_hf_to_gguf.py")
-    chat = ChatTemplate.from_checkpoint(checkpoint)
+    stored = checkpoint.chat_template
+    chat = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
     name = out.resolve().name
     gguf_name = f"{name}-{outtype}.gguf"
     try:
-        with atomic_folder(out, overwrite=overwrite) as staging:
-            write_gguf(model, checkpoint.tokenizer, staging / gguf_name, outtype, name=name, chat=chat)
-            (staging / "Modelfile").write_text(modelfile(gguf_name, name, model.config.block_size, chat),
-                                               encoding="utf-8")
+        with atomic_folder(out, overwrite=overwrite) as folder:
+            write_gguf(model, checkpoint.tokenizer, folder / gguf_name, outtype, name=name, chat=chat)
+            text = modelfile(gguf_name, name, model.config.block_size, chat)
+            (folder / "Modelfile").write_text(text, encoding="utf-8")
     except OSError as exc:
         error = write_error(exc, out, "--out")
         if error is None:

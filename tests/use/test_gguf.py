@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer
 
 from azgpt.checkpoint import Checkpoint, load_checkpoint
 from azgpt.cli import main
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
-from azgpt.use.gguf import OUTTYPES, ChatTemplate, export_gguf, gguf_tensors, modelfile, write_gguf
+from azgpt.data.chat import DEFAULT_TEMPLATE, Message
+from azgpt.use.gguf import OUTTYPES, export_gguf, gguf_tensors, modelfile, write_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -214,32 +215,28 @@ def test_transformers_tokenizer_from_the_gguf_gives_azgpts_ids(exports, checkpoi
 # ----------------------------------------------------------------------------------- chat template
 
 
-def chat_tokenizer(tokenizer: Tokenizer, chat: ChatTemplate) -> Tokenizer:
-    """``tokenizer`` with the chat template's special tokens appended, as a fine-tune stores it."""
-    extended = Tokenizer.from_str(tokenizer.to_str())
-    tokens = [*chat.role_tokens.values(), chat.end_token]
-    extended.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
-    return extended
-
-
-STORED_CHAT = {"format": "azgpt-chat-1", "end_token": "<|end|>",
-               "role_tokens": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}}
-
-
-def test_chat_template_is_read_from_the_checkpoint(checkpoint) -> None:
-    assert ChatTemplate.from_checkpoint(checkpoint) is None
-    tuned = copy.copy(checkpoint)
-    tuned.raw = {**checkpoint.raw, "azgpt": {**checkpoint.summary, "chat_template": STORED_CHAT}}
-    chat = ChatTemplate.from_checkpoint(tuned)
-    assert chat.end_token == "<|end|>" and chat.role_tokens["user"] == "<|user|>"
-    tuned.raw["azgpt"]["chat_template"] = {"format": "azgpt-chat-9"}
-    with pytest.raises(AzGPTError, match="format 'azgpt-chat-9'.*upgrade azgpt"):
-        ChatTemplate.from_checkpoint(tuned)
+def test_a_fine_tuned_checkpoint_exports_its_chat_template(tiny_run, tmp_path: Path) -> None:
+    """The tiny run given the chat template's tokens and the "azgpt" entry a fine-tune writes (300 + 4 tokens
+    still fit the embedding, padded to 320 rows)."""
+    raw = torch.load(tiny_run.ckpt, weights_only=True)
+    tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(Tokenizer.from_str(raw["azgpt"]["tokenizer"]))
+    raw["hyper_parameters"]["vocab_size"] = tokenizer.get_vocab_size()
+    raw["azgpt"] = {**raw["azgpt"], "tokenizer": tokenizer.to_str(), "chat_template": DEFAULT_TEMPLATE.to_dict()}
+    torch.save(raw, tmp_path / "tuned.ckpt")
+    out = tmp_path / "tuned"
+    assert main(["export", "--ckpt", str(tmp_path / "tuned.ckpt"), "--format", "gguf", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(out / "tuned-f16.gguf")
+    assert field(reader, "tokenizer.chat_template") == DEFAULT_TEMPLATE.jinja()
+    assert field(reader, "tokenizer.ggml.eot_token_id") == tokenizer.token_to_id(DEFAULT_TEMPLATE.end_token)
+    assert len(field(reader, "tokenizer.ggml.tokens")) == tokenizer.get_vocab_size()
+    lines = (out / "Modelfile").read_text(encoding="utf-8").splitlines()
+    assert f'PARAMETER stop "{DEFAULT_TEMPLATE.end_token}"' in lines
+    assert any(line.startswith('TEMPLATE """<|endoftext|>{{- range .Messages }}') for line in lines)
 
 
 def test_chat_model_carries_its_template(checkpoint, tmp_path: Path, transformers) -> None:
-    chat = ChatTemplate(role_tokens=STORED_CHAT["role_tokens"], end_token=STORED_CHAT["end_token"])
-    tokenizer = chat_tokenizer(checkpoint.tokenizer, chat)
+    chat = DEFAULT_TEMPLATE
+    tokenizer = chat.add_to_tokenizer(checkpoint.tokenizer)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=1, n_head=2, n_embd=32))
     path = tmp_path / "chat-f32.gguf"
@@ -253,8 +250,8 @@ def test_chat_model_carries_its_template(checkpoint, tmp_path: Path, transformer
                 {"role": "assistant", "content": "Salam, necə kömək edə bilərəm?"},
                 {"role": "user", "content": "Bakı?"}]
     rendered = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<|endoftext|><|system|>Qısa cavab ver.<|end|><|user|>Salam!<|end|><|assistant|>Salam, necə "
-                        "kömək edə bilərəm?<|end|><|user|>Bakı?<|end|><|assistant|>")
+    assert rendered == chat.render([Message(**m) for m in messages], add_generation_prompt=True)
+    assert rendered.startswith("<|endoftext|><|system|>Qısa cavab ver.<|end|><|user|>Salam!<|end|><|assistant|>")
     assert hf_tokenizer(rendered)["input_ids"] == tokenizer.encode(rendered).ids
     text = modelfile(path.name, "chat", 32, chat)
     assert '{{- range .Messages }}{{- if eq .Role "system" }}<|system|>{{- end }}' in text
