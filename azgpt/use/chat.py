@@ -187,14 +187,13 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
             except AzGPTError as exc:
                 print(f"azgpt chat: {exc}", file=stderr, flush=True)
             continue
-        stdout.write("azgpt> ")
-        stdout.flush()
         try:
             pieces = session.reply(line)
             first = next(pieces, "")  # the prompt is built (and any note known) before the first piece
             for note in session.notes:
-                print(f"\nazgpt chat: note: {note}", file=stderr, flush=True)
-            stdout.write(first)
+                print(f"azgpt chat: note: {note}", file=stderr, flush=True)
+            stdout.write("azgpt> " + first)
+            stdout.flush()
             for piece in pieces:
                 stdout.write(piece)
                 stdout.flush()
