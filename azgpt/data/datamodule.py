@@ -328,7 +328,7 @@ class AzGPTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """The validation blocks; while fitting, also the fixed training blocks (``train_eval_loss``)."""
-        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+        if getattr(getattr(self.trainer, "state", None), "fn", None) == TrainerFn.FITTING:
             return [self._eval_loader(self.val_dataset()), self._eval_loader(self.train_eval_dataset())]
         return self._eval_loader(self.val_dataset())
 

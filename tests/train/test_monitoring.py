@@ -168,3 +168,9 @@ def test_overfitting_run_raises_the_alarm_once_and_early_stopping_stops_it(overf
     assert steps.index(best_step) == len(steps) - 4 and steps[-1] < 79
     assert val[-1][1] > best and curve(overfit_run, "train_eval_loss")[-1][1] < dict(
         curve(overfit_run, "train_eval_loss"))[best_step]
+
+
+@pytest.mark.slow
+def test_the_report_of_an_overfitting_run_says_so(overfit_run: Path) -> None:
+    text = (overfit_run / "report.md").read_text(encoding="utf-8")
+    assert "**Overfitting** (the alarm was raised" in text and "best-" in text
