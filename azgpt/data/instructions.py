@@ -117,6 +117,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.tokenizer = self.template.add_to_tokenizer(tokenizer_from_json(tokenizer_json, "the model"))
         self.block_size = block_size
         self.files = [Path(f) for f in files] if files else [sample_instructions_path()]
+        self.data_dir = self.files[0].parent  # where the data is, for messages that name it (as AzGPTDataModule's)
         self.batch_size = batch_size
         self.seed = seed
         self.val_fraction = val_fraction

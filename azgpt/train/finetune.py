@@ -8,10 +8,12 @@ same LightningModule (loss, AdamW groups, NaN guard, validation metrics), Traine
 
 from __future__ import annotations
 
-import torch
-from lightning.pytorch.cli import LightningCLI
+import inspect
+from pathlib import Path
 
-from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint
+import torch
+
+from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint, load_checkpoint_file
 from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
@@ -107,9 +109,16 @@ class FinetuneCLI(AzGPTCLI):
              ("model.chat_template", "data.chat_template", "instantiate"))
 
     def _parse_ckpt_path(self) -> None:
-        # On resume the fine-tune's own hyperparameters (the resolved architecture) replace the config's.
+        """On resume the fine-tune's own hyperparameters replace the config's, as in fit; those that are not
+        AzGPTFinetune's options (architecture settings it reads from ``init_from``) are left to it."""
+        ckpt_path = self.config.fit.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
         configured = {k: v for k, v in vars(self.config.fit.model).items() if v is not None}
-        LightningCLI._parse_ckpt_path(self)
+        options = inspect.signature(self.model_class.__init__).parameters
+        saved = load_checkpoint_file(ckpt_path).get("hyper_parameters") or {}
+        saved = {key: value for key, value in saved.items() if key in options}
+        self.config = self.parser.parse_object({"fit": {"model": saved}}, self.config)
         check_same_architecture(dict(vars(self.config.fit.model)), configured)
 
 
