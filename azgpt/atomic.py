@@ -136,7 +136,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
-        _fsync_folder(temporary)
+        fsync_folder(temporary)
         if not target.exists():
             os.replace(temporary, target)
         elif {p.name for p in target.iterdir()} <= {p.name for p in temporary.iterdir()}:
@@ -150,7 +150,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
                 if (target / path.name).is_dir():
                     _remove(target / path.name)
                 os.replace(path, target / path.name)
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
     finally:
         _remove(temporary)
 
@@ -166,7 +166,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
     finally:
         _remove(temporary)
 
@@ -179,7 +179,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -30,7 +30,8 @@ class RecordTrainBlocks(L.Callback):
 
 class RecordValLoss(L.Callback):
     """Writes the final ``val_loss`` (as a Python float, full precision) and the number of validation
-    batches each process ran to ``out_dir/val-rank{global_rank}.json``."""
+    batches each process ran to ``out_dir/val-rank{global_rank}.json`` (loader 0: during fit, loader 1 holds
+    the fixed training blocks of train_eval_loss)."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -38,7 +39,7 @@ class RecordValLoss(L.Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.batches += 1
+        self.batches += dataloader_idx == 0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

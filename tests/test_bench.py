@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_throughput_benchmark_smoke_run(tmp_path) -> None:
     command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--random-tokens",
-               "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block_size", "16", "--batch-size", "2",
-               "--accumulate", "2", "--vocab_size", "512", "--rounds", "2", "--warmup", "1", "--steps", "1",
+               "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "2",
+               "--accumulate", "2", "--vocab-size", "512", "--rounds", "2", "--warmup", "1", "--steps", "1",
                "--val-rounds", "1", "--peak-size", "64", "--cache-dir", str(tmp_path / "unused")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -33,8 +33,8 @@ def test_reads_nanogpt_iteration_times(tmp_path: Path, tuned: bool) -> None:
     (nanogpt / "train.py").write_text(FAKE_TRAIN)
     (nanogpt / "configurator.py").write_text("")
     command = [sys.executable, str(REPO / "bench" / "nanogpt_compare.py"), "--nanogpt", str(nanogpt),
-               "--corpus", str(tmp_path / "absent.txt"), "--vocab_size", "300", "--n-embd", "32", "--n-head", "2",
-               "--block_size", "16", "--batch-size", "2", "--accumulate", "2", "--iters", "4", "--runs", "1"]
+               "--corpus", str(tmp_path / "absent.txt"), "--vocab-size", "300", "--n-embd", "32", "--n-head", "2",
+               "--block-size", "16", "--batch-size", "2", "--accumulate", "2", "--iters", "4", "--runs", "1"]
     result = subprocess.run(command + (["--tuned"] if tuned else []), capture_output=True, text=True, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

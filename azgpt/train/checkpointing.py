@@ -29,7 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from azgpt.atomic import create_exclusive, write_error
+from azgpt.atomic import create_exclusive, fsync_folder, write_error
 from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file, non_finite_weights
 from azgpt.errors import AzGPTError
 
@@ -50,20 +50,6 @@ class NonFiniteWeightsError(AzGPTError):
 def _temporary_path(path: Path) -> Path:
     # Hidden, in the same folder (so the rename never crosses filesystems), not ending in .ckpt.
     return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}{TEMPORARY_SUFFIX}")
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -88,7 +74,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if error is None:
             raise
         raise error from None
-    _fsync_directory(path.parent)
+    fsync_folder(path.parent)
 
 
 class _RecordingWriter:

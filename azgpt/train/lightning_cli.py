@@ -130,7 +130,9 @@ class AzGPTCLI(LightningCLI):
         callbacks = defaults["callbacks"]
         patience = self.config[self.subcommand].get("early_stopping") if self.subcommand else None
         if patience is not None and self.subcommand == "fit":
-            callbacks = [*callbacks, EarlyStopping(monitor="val_loss", mode="min", patience=patience)]
+            # Checked after each validation only: a run whose steps end before the first one has nothing to check.
+            callbacks = [*callbacks, EarlyStopping(monitor="val_loss", mode="min", patience=patience,
+                                                   check_on_train_epoch_end=False)]
         kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
 
