@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +102,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     assert code == 0
     log_dir = root / "lightning_logs" / "version_0"
     return TinyRun(root=root, ckpt=log_dir / "checkpoints" / "last.ckpt", log_dir=log_dir)
+
+
+@pytest.fixture
+def without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as it is without the optional ``datasets`` package (the dev install always has it)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "datasets" else real(name, *args))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import unicodedata
 from pathlib import Path
@@ -141,9 +140,9 @@ def test_corrupt_gzip_is_named(tmp_path: Path) -> None:
         list(iter_documents(path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
-def test_hf_dataset_without_datasets_says_what_to_install() -> None:
+def test_hf_dataset_without_datasets_says_what_to_install(without_datasets: None) -> None:
     with pytest.raises(AzGPTError, match=r"needs the optional 'datasets' package: pip install 'azgpt\[datasets\]'"):
         resolve_corpus_files("hf:some/dataset")
     with pytest.raises(AzGPTError, match="optional 'datasets' package"):
         list(iter_documents("hf:some/dataset:train"))
+

@@ -154,9 +154,7 @@ def test_no_network_is_one_line_at_once(tmp_path: Path, capsys, monkeypatch) -> 
     assert not out.exists()
 
 
-def test_without_datasets_the_error_names_the_pip_command(monkeypatch) -> None:
-    real = hub.importlib.util.find_spec
-    monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: None if name == "datasets" else real(name))
+def test_without_datasets_the_error_names_the_pip_command(without_datasets: None) -> None:
     with pytest.raises(AzGPTError, match=r"pip install 'azgpt\[datasets\]'"):
         list(iter_documents("wikipedia-az"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -286,8 +285,7 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
     assert_refused(capsys, tiny_args(path, tmp_path / "out"), "--out", "not a folder")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
-def test_hf_corpus_without_datasets(tmp_path: Path, capsys) -> None:
+def test_hf_corpus_without_datasets(tmp_path: Path, capsys, without_datasets: None) -> None:
     out = tmp_path / "out"
     assert_refused(capsys, ["--corpus", "hf:user/az-corpus", "--out", out], "datasets", "pip install")
     assert not out.exists()
@@ -368,3 +366,4 @@ def test_encoder_restores_the_tokenizer_it_borrows(tmp_path: Path) -> None:
     assert summary.dtype == "uint16"
     saved = load_tokenizer(tmp_path / "out" / "tokenizer.json")
     assert saved.encode(f"a{EOT}b").ids.count(saved.token_to_id(EOT)) == 1  # saved file treats EOT as special
+
