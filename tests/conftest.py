@@ -109,3 +109,13 @@ def without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process as it is without the optional ``datasets`` package (the dev install always has it)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "datasets" else real(name, *args))
+
+
+def assert_same_tokenizer(ours, theirs, texts: list[str]) -> None:
+    """A transformers tokenizer (``theirs``) gives azgpt's ids and text for every one of ``texts``."""
+    assert theirs.eos_token == theirs.bos_token == "<|endoftext|>"
+    assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
+    for text in texts:
+        ids = ours.encode(text).ids
+        assert theirs(text)["input_ids"] == ids
+        assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)

@@ -38,7 +38,22 @@ def block_offsets(seed: int, rank: int, micro_batch_index: int, batch_size: int,
     return rng.integers(0, high, size=batch_size)
 
 
-class RandomTrainBlocks(IterableDataset):
+class EndlessBatches(IterableDataset):
+    """Micro-batches ``start_index``, ``start_index + 1``, ... for ever; a subclass says what ``batch_at`` gives."""
+
+    start_index = 0
+
+    def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = self.start_index
+        while True:
+            yield self.batch_at(index)
+            index += 1
+
+
+class RandomTrainBlocks(EndlessBatches):
     """Endless micro-batches of random ``block_size + 1`` windows, starting at a given micro-batch index."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
@@ -58,11 +73,6 @@ class RandomTrainBlocks(IterableDataset):
         window = torch.from_numpy(window)
         return window[:, :-1], window[:, 1:]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = self.start_index
-        while True:
-            yield self.batch_at(index)
-            index += 1
 
 
 class FixedValBlocks(Dataset):

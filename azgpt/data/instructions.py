@@ -16,10 +16,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from azgpt.data.chat import DEFAULT_TEMPLATE, ChatTemplate, read_conversations, sample_instructions_path
-from azgpt.data.datamodule import PAD_TARGET, block_offsets
+from azgpt.data.datamodule import PAD_TARGET, EndlessBatches, block_offsets
 from azgpt.data.tokenizer import tokenizer_from_json, tokenizer_sha256
 from azgpt.errors import AzGPTError
 
@@ -46,7 +46,7 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return inputs, targets
 
 
-class RandomExamples(IterableDataset):
+class RandomExamples(EndlessBatches):
     """Endless micro-batches of conversations drawn at random, from a given micro-batch index on."""
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, rank: int = 0,
@@ -62,11 +62,6 @@ class RandomExamples(IterableDataset):
         rows = block_offsets(self.seed, self.rank, index, self.batch_size, len(self.examples))
         return collate([self.examples[int(r)] for r in rows], self.pad_id)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = self.start_index
-        while True:
-            yield self.batch_at(index)
-            index += 1
 
 
 class FixedExamples(Dataset):

@@ -16,6 +16,8 @@ from azgpt.errors import AzGPTError
 from azgpt.use.export import EXPORTED_FILES, write_hf_folder
 from azgpt.model import GPT, GPTConfig
 
+from tests.conftest import assert_same_tokenizer
+
 TEXTS = [
     "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir.",
     "İlham İşıq ışıqlı, ağ, öz, üç, çay, ğ, Ə və ə; Кирил ә Ә hərfi.",
@@ -120,12 +122,7 @@ def test_transformers_loads_the_export_with_the_same_logits(exported: Path, tiny
 def test_transformers_tokenizer_gives_the_same_ids(exported: Path, tiny_run, transformers) -> None:
     ours = load_checkpoint(tiny_run.ckpt).tokenizer
     theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(exported))
-    assert theirs.eos_token == theirs.bos_token == "<|endoftext|>"
-    assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
-    for text in TEXTS:
-        ids = ours.encode(text).ids
-        assert theirs(text)["input_ids"] == ids
-        assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+    assert_same_tokenizer(ours, theirs, TEXTS)
 
 
 def test_transformers_greedy_generation_matches(exported: Path, tiny_run, transformers) -> None:
@@ -167,3 +164,4 @@ def test_model_card_names_licence_and_source_of_a_named_corpus() -> None:
                                    "train_tokens": 1000}))
     assert "`fineweb2-az`: dataset `HuggingFaceFW/fineweb-2` config `azj_Latn` split `train`" in lines
     assert "licence ODC-By 1.0" in lines and "https://huggingface.co/datasets/HuggingFaceFW/fineweb-2" in lines
+

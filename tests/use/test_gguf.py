@@ -23,6 +23,8 @@ from azgpt.use.gguf import OUTTYPES, export_gguf, gguf_tensors, modelfile, write
 gguf = pytest.importorskip("gguf")
 
 # NFC text with Latin ə, as typed on an Azerbaijani keyboard: the GGUF tokenizer has no normaliser (see gguf.py)
+from tests.conftest import assert_same_tokenizer
+
 TEXTS = [
     "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir.",
     "İlham İşıq ışıqlı, ağ, öz, üç, çay, ğ, Ə və ə; 1918-ci il 28 may!",
@@ -204,12 +206,7 @@ def test_transformers_tokenizer_from_the_gguf_gives_azgpts_ids(exports, checkpoi
     ours = checkpoint.tokenizer
     path = exports["f16"]
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    assert theirs.eos_token == theirs.bos_token == "<|endoftext|>"
-    assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
-    for text in TEXTS:
-        ids = ours.encode(text).ids
-        assert theirs(text)["input_ids"] == ids
-        assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+    assert_same_tokenizer(ours, theirs, TEXTS)
 
 
 # ----------------------------------------------------------------------------------- chat template
