@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from azgpt.data.corpus import iter_documents  # noqa: E402
 from azgpt.data.prepare import PrepareConfig, prepare  # noqa: E402
 from azgpt.data.tokenizer import eot_id, load_tokenizer, split_at_line_breaks, token_byte_lengths  # noqa: E402
+from azgpt.runtime import tune_malloc  # noqa: E402
 from azgpt.train.module import AzGPT  # noqa: E402
 
 SHARED_CORPUS = REPO.parent / "shared" / "corpus"
@@ -129,12 +130,24 @@ class Run:
 
 def build_run(name: str, settings: dict[str, object], args: argparse.Namespace) -> Run:
     torch.manual_seed(args.seed)  # the same initial draw for every variant (where shapes agree)
-    module = AzGPT(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                   n_head=args.n_head, n_embd=args.n_embd, learning_rate=args.learning_rate,
-                   muon_lr=args.muon_lr, warmup_steps=args.warmup_steps, **settings)
+    defaults = dict(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, learning_rate=args.learning_rate,
+                    muon_lr=args.muon_lr, warmup_steps=args.warmup_steps)
+    module = AzGPT(**{**defaults, **settings})  # a variant's own settings win over the command's
     optimizer, warmups = module.build_optimizer()
+    warm_up(module.model, args)
     return Run(name, settings, module, optimizer, [g["lr"] for g in optimizer.param_groups], warmups,
                np.random.default_rng(args.seed))  # the same batches in the same order for every variant
+
+
+def warm_up(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Two untimed forward/backward passes on random tokens, gradients dropped: the first steps of a process
+    page-fault its heap into existence, which would otherwise slow whichever variant trains first."""
+    tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1))
+    for _ in range(2):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 def lr_factor(step: int, warmup: int, used: float, min_ratio: float = 0.1) -> float:
@@ -191,6 +204,7 @@ def time_to_reach(curve: list[tuple[float, int, float]], target: float) -> float
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tuning = tune_malloc()  # as `azgpt fit` does: without it glibc's page-fault churn halves CPU throughput
     print("command: PYTHONPATH=. python bench/recipe.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(HELD_OUT_SOURCES)}: {len(data.held_out):,} tokens, {args.eval_blocks} blocks measured")
     print(f"model: {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, block {args.block_size}, "
           f"vocab {args.vocab_size}; batch {args.batch_size} x {args.block_size} tokens; fp32; "
-          f"{torch.get_num_threads()} threads; AdamW lr {args.learning_rate}, Muon lr {args.muon_lr}")
+          f"{torch.get_num_threads()} threads; AdamW lr {args.learning_rate}, Muon lr {args.muon_lr}; "
+          f"malloc: {tuning['malloc']}")
     runs = [build_run(*parse_variant(text), args) for text in args.variants]
     for run in runs:
         hp = run.module.hparams

@@ -19,7 +19,7 @@ from azgpt.data.instructions import InstructionDataModule
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
 from azgpt.train.module import AzGPT, check_same_architecture
 
-EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tied tensor, listed under both names
+EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tensor under both names when tied
 
 
 def resize_token_embedding(weight: torch.Tensor, rows: int, known_tokens: int, new_ids: list[int]) -> torch.Tensor:
@@ -87,9 +87,8 @@ class AzGPTFinetune(AzGPT):
         self.save_hyperparameters({"init_from": str(init_from), **architecture, **settings})
         weights = dict(base.state_dict)
         rows = self.config.padded_vocab_size
-        embedding = resize_token_embedding(weights[EMBEDDING_KEYS[0]], rows, known, new_ids)
-        for key in EMBEDDING_KEYS:
-            weights[key] = embedding
+        for key in EMBEDDING_KEYS:  # an untied head (modern recipe) grows from its own rows, not the embedding's
+            weights[key] = resize_token_embedding(weights[key], rows, known, new_ids)
         self.model.load_state_dict(weights)
         self.tokenizer_json = tokenizer.to_str()
         self.chat_template = DEFAULT_TEMPLATE.to_dict()

@@ -1,8 +1,9 @@
 """Export a checkpoint as one GGUF file for llama.cpp and Ollama, plus an Ollama ``Modelfile`` beside it.
 
-The file is written with the ``gguf`` package (llama.cpp's own writer, ``pip install 'azgpt[gguf]'``) under
-llama.cpp's ``gpt2`` architecture, which is azgpt's: pre-LayerNorm blocks, learned positions, a fused QKV
-projection and a head tied to the token embedding. The tokenizer travels inside as metadata: vocabulary,
+The file is written with the ``gguf`` package (llama.cpp's own writer, ``pip install 'azgpt[gguf]'``) under the
+llama.cpp architecture that computes what the model does: ``gpt2`` for the GPT-2 recipe (pre-LayerNorm blocks,
+learned positions, a fused QKV projection, a head tied to the token embedding) and ``llama`` for the modern one
+(rotary embeddings, RMSNorm, SwiGLU, an untied head). The tokenizer travels inside as metadata: vocabulary,
 merges, special tokens, and a chat template when the model was fine-tuned with one.
 
 Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt generate`` there:
@@ -29,14 +30,15 @@ from azgpt.checkpoint import load_checkpoint
 from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT
+from azgpt.model import GPT, NORM_EPS
 from azgpt.use.export import CONV1D_WEIGHTS, gpt2_state_dict
-from azgpt.use.export_llama import hf_architecture
+from azgpt.use.export_llama import hf_architecture, llama_state_dict
 
-OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp's gpt2 runs
+OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp runs for both
 OUTTYPES: tuple[str, ...] = get_args(OutType)
 DEFAULT_OUTTYPE: OutType = "f16"
-ARCH = "gpt2"  # llama.cpp's name for GPT-2's architecture
+# llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.export_llama.hf_architecture)
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
 LAYER_NORM_EPS = 1e-5
 PROBE_TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir."
@@ -62,22 +64,41 @@ def ollama_template(chat: ChatTemplate) -> str:
             f"{chat.role_tokens['assistant']}")
 
 
+def gguf_architecture(model: GPT) -> str:
+    """``gpt2`` or ``llama``: the llama.cpp architecture that computes what ``model`` does."""
+    return ARCHITECTURES[hf_architecture(model.config)]  # hf_architecture refuses what neither computes
+
+
 def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
-    """``model``'s weights under llama.cpp's ``gpt2`` names, as float32 arrays in ``nn.Linear``'s (out, in)
-    layout; the tied head is left out (llama.cpp reuses ``token_embd``)."""
+    """``model``'s weights under llama.cpp's names for its architecture, as float32 arrays in ``nn.Linear``'s
+    (out, in) layout; a tied head is left out (llama.cpp then reuses ``token_embd``)."""
     gguf = import_gguf()
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
+    arch = gguf_architecture(model)
+    if arch == "gpt2":
+        # The Hugging Face layout (the vocabulary cut to the tokenizer's size, zero biases where the model has
+        # none: llama.cpp's gpt2 requires them) with GPT-2's Conv1D transpose undone.
+        source = {name: tensor.t() if name.removesuffix(".weight").endswith(CONV1D_WEIGHTS) else tensor
+                  for name, tensor in gpt2_state_dict(model).items()}
+    else:
+        heads = model.config.n_head
+        source = {name: rope_pairs_adjacent(tensor, heads) if name.endswith(("q_proj.weight", "k_proj.weight"))
+                  else tensor for name, tensor in llama_state_dict(model).items()}
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH[arch.upper()], model.config.n_layer)
     tensors = {}
-    # Start from the Hugging Face layout: the vocabulary cut to the tokenizer's size, zero biases where the
-    # model has none (llama.cpp's gpt2 requires them), then undo GPT-2's Conv1D transpose.
-    for hf_name, tensor in gpt2_state_dict(model).items():
-        if hf_name.removesuffix(".weight").endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
+    for hf_name, tensor in source.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise RuntimeError(f"gguf has no gpt2 name for {hf_name}")  # a change in gguf's TensorNameMap
+            raise RuntimeError(f"gguf has no {arch} name for {hf_name}")  # a change in gguf's TensorNameMap
         tensors[name] = tensor.contiguous().numpy()
     return tensors
+
+
+def rope_pairs_adjacent(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder the rows of a query or key projection for llama.cpp's ``llama``, which rotates channels
+    (2i, 2i+1) of each head where azgpt (like Hugging Face's Llama) rotates (i, i + head_dim/2): within every
+    head, output row 2i + j is row j * head_dim/2 + i, so the same pairs meet the same angles."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 def storage_type(tensor: np.ndarray, outtype: OutType) -> str:
@@ -101,7 +122,7 @@ def check_outtype(tensors: dict[str, np.ndarray], outtype: OutType) -> None:
     for name, tensor in tensors.items():
         if storage_type(tensor, outtype) == outtype and tensor.shape[-1] % block:
             raise AzGPTError(f"--outtype {outtype} stores rows in blocks of {block} values, but {name} has rows of "
-                             f"{tensor.shape[-1]} (n_embd must be a multiple of {block}): use --outtype f16")
+                             f"{tensor.shape[-1]} (not a multiple of {block}): use --outtype f16")
 
 
 def stored_weights(tensors: dict[str, np.ndarray], outtype: OutType) -> dict[str, tuple[np.ndarray, Any]]:
@@ -147,7 +168,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = 
     eot_id = tokenizer.token_to_id(EOT)
     tokens, token_types, merges = vocabulary(tokenizer, cfg.vocab_size)
 
-    writer = gguf.GGUFWriter(str(path), ARCH)
+    arch = gguf_architecture(model)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_description(f"Azerbaijani GPT trained from scratch with azgpt {__version__}")
@@ -157,10 +179,17 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = 
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_feed_forward_length(cfg.mlp_hidden)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
-    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    else:
+        writer.add_head_count_kv(cfg.n_head)
+        writer.add_layer_norm_rms_eps(NORM_EPS)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_vocab_size(cfg.vocab_size)
 
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(TOKENIZER_PRE)
@@ -198,7 +227,7 @@ def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | N
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         *[f'PARAMETER stop "{stop}"' for stop in stops],
-        # GPT-2 has one learned position per slot up to its block size: a longer context has no positions.
+        # The context it was trained on: GPT-2's table has no positions beyond it, and RoPE never saw them.
         f"PARAMETER num_ctx {block_size}",
         *[f"PARAMETER {key} {value}" for key, value in SAMPLING.items()],
     ]
@@ -207,7 +236,7 @@ def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | N
 
 def gelu_note(model: GPT, tokenizer: Tokenizer) -> str | None:
     """For a model trained with exact GELU: what running it with llama.cpp's tanh GELU changes, on a probe."""
-    if model.config.activation == "gelu_tanh":
+    if model.config.mlp != "gelu" or model.config.activation == "gelu_tanh":
         return None
     ids = tokenizer.encode(PROBE_TEXT).ids[: model.config.block_size]
     idx = torch.tensor([ids])
@@ -242,10 +271,7 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
     check_outtype_name(outtype)
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model("cpu")
-    if hf_architecture(model.config) != "GPT2LMHeadModel":
-        raise AzGPTError(f"{checkpoint_path}: GGUF export writes llama.cpp's gpt2 architecture, and this model is "
-                         f"the modern (Llama-style) recipe: export it with --format hf (a LlamaForCausalLM folder) "
-                         f"and convert that with llama.cpp's convert_hf_to_gguf.py")
+    gguf_architecture(model)  # refuses, before anything is written, what neither gpt2 nor llama computes
     stored = checkpoint.chat_template
     chat = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
     name = out.resolve().name

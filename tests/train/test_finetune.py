@@ -82,6 +82,31 @@ def test_finetune_starts_from_the_base_weights_with_the_embedding_grown(tiny_run
     assert model.model.lm_head.weight is model.model.transformer.wte.weight  # still tied
 
 
+def test_an_untied_head_grows_from_its_own_rows(tmp_path: Path) -> None:
+    """A modern-recipe base has a head of its own: fine-tuning keeps it, it is not replaced by the embedding."""
+    import os
+
+    from conftest import TINY_FIT
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main([*TINY_FIT, "--data.data_dir", str(tmp_path / "data"), "--model.recipe", "modern",
+                     "--model.zero_init", "false"]) == 0
+    finally:
+        os.chdir(cwd)
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    base = load_checkpoint(ckpt)
+    model = AzGPTFinetune(init_from=str(ckpt))
+    known = base.tokenizer.get_vocab_size()
+    grown = model.model.state_dict()
+    assert model.model.lm_head.weight is not model.model.transformer.wte.weight
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(grown[name][:known], base.state_dict[name][:known]), f"{name}: an old row changed"
+        assert torch.equal(grown[name][known:known + 4], base.state_dict[name][:known].mean(dim=0).expand(4, -1))
+    assert not torch.equal(grown["lm_head.weight"], grown["transformer.wte.weight"])
+
+
 def test_the_checkpoint_carries_the_template_for_chat_generate_and_export(finetuned: Path, tiny_run) -> None:
     ckpt = load_checkpoint(last_ckpt(finetuned))
     assert ckpt.chat_template == DEFAULT_TEMPLATE.to_dict()

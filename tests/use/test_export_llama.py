@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -96,3 +98,54 @@ def test_export_verb_writes_a_llama_folder_for_a_modern_checkpoint(tmp_path: Pat
         ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
         theirs = hf_model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    if importlib.util.find_spec("gguf"):  # the same checkpoint as llama.cpp's llama (parity: the test above)
+        assert main(["export", "--ckpt", str(ckpt), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+        assert "tanh" not in capsys.readouterr().out  # SwiGLU has no GELU for llama.cpp to approximate
+        reader = importlib.import_module("gguf").GGUFReader(str(tmp_path / "gguf" / "gguf-f16.gguf"))
+        assert reader.fields["general.architecture"].contents() == "llama"
+
+
+# ----------------------------------------------------------------------------------- GGUF: llama.cpp's llama
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}], ids=["untied", "tied"])
+def test_llama_gguf_loads_in_transformers_with_the_same_logits(tiny_run, tmp_path: Path, transformers,
+                                                              outtype: str, overrides) -> None:
+    """transformers' GGUF reader undoes llama.cpp's rotary row order itself, so equal logits check the reorder."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
+    from azgpt.use.gguf import write_gguf
+
+    tokenizer = load_checkpoint(tiny_run.ckpt).tokenizer
+    model = random_modern(tokenizer.get_vocab_size(), **overrides)
+    path = tmp_path / f"modern-{outtype}.gguf"
+    write_gguf(model, tokenizer, path, outtype)
+
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.rope.freq_base"].contents() == pytest.approx(500.0)
+    assert reader.fields["llama.feed_forward_length"].contents() == model.config.mlp_hidden
+    names = {tensor.name for tensor in reader.tensors}
+    assert ("output.weight" in names) == (not model.config.tie_embeddings)
+    assert {"blk.1.attn_q.weight", "blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", "output_norm.weight"} <= names
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                                 dtype=torch.float32).eval()
+    ids = tokenizer.encode(TEXT).ids[:40]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0, :, : model.config.vocab_size]
+        theirs = hf_model(torch.tensor([ids])).logits[0]
+    scale = ours.abs().max().item()
+    tolerance = {"f32": 1e-4, "f16": 2e-2 * scale, "q8_0": 6e-2 * scale}[outtype]
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max().item() <= tolerance
+    if outtype == "f32":  # the rows stored for q and k are azgpt's, reordered: undo it and compare exactly
+        from azgpt.use.gguf import rope_pairs_adjacent
+
+        stored = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+        rows = torch.from_numpy(stored.data.copy()).reshape(model.config.n_embd, model.config.n_embd)
+        q = model.transformer.h[0].attn.c_attn.weight[: model.config.n_embd].detach()
+        assert torch.equal(rows, rope_pairs_adjacent(q, model.config.n_head))
+        assert not torch.equal(rows, q)
+
