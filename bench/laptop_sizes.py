@@ -1,12 +1,15 @@
 """Which model size learns most in a fixed CPU time: the sizing behind configs/laptop.yaml.
 
-    PYTHONPATH=. python bench/laptop_sizes.py [--corpus FILES] [--minutes 30] [--scale 0.1]
+    PYTHONPATH=. python bench/laptop_sizes.py [--minutes 30] [--scale 1] [--sizes 2x128 3x192 4x256]
 
-1. Throughput: each size trains a few optimizer steps in turn (alternating, two rounds, best round kept), in
-   the precision ``fit`` would choose on this CPU, so a busy machine slows all sizes alike.
-2. Equal time: each size then trains ``scale x minutes`` worth of its own measured optimizer steps with
-   ``azgpt fit`` (its schedule ending there), and its final val_bpb is reported. Steps, not a wall-clock limit,
-   so the comparison holds on a shared machine; at ``--scale 1`` it is the full budget.
+1. Data: the local real corpus in ../shared (web, legal, quran, social to train on; wiki and poetry held out for
+   validation), prepared once with laptop.yaml's vocabulary and block.
+2. Throughput: each size trains a few optimizer steps with laptop.yaml's recipe and optimizers, in turn (two
+   rounds, best kept), so a machine that gets busier slows all sizes alike.
+3. Equal time: each size then runs the real ``python -m azgpt.cli fit --config quickstart.yaml --config
+   laptop.yaml`` (callbacks and validation included) for ``scale x minutes`` worth of its measured optimizer
+   steps, its learning-rate schedule ending there. Steps rather than a wall-clock limit, so every schedule
+   completes; the table shows each run's real wall time beside its final held-out val_bpb.
 """
 
 from __future__ import annotations
@@ -15,98 +18,125 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from azgpt.data.datamodule import AzGPTDataModule
-from azgpt.train.lightning_cli import run_lightning_cli
+from azgpt.runtime import tune_malloc
 from azgpt.train.module import AzGPT
-from azgpt.train.precision import precision_dtype
-from azgpt.train.trainer import choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"2x128": (2, 2, 128), "4x256": (4, 4, 256), "6x384": (6, 6, 384)}
-VOCAB = 8192
+SHARED = ROOT.parent / "shared" / "corpus"
+TRAIN = [str(SHARED / f"{name}.txt.gz") for name in ("web", "legal", "quran", "social")]
+HELD_OUT = [str(SHARED / f"{name}.txt.gz") for name in ("wiki", "poetry")]
 
 
-def steps_per_second(size: tuple[int, int, int], dm: AzGPTDataModule, dtype: torch.dtype, steps: int,
-                     accumulate: int) -> float:
-    n_layer, n_head, n_embd = size
-    module = AzGPT(vocab_size=VOCAB, block_size=dm.block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+def parse_size(text: str) -> tuple[int, int, int]:
+    """``4x256`` -> (layers 4, heads 4, width 256): heads of width 64."""
+    n_layer, n_embd = (int(part) for part in text.lower().split("x"))
+    return n_layer, max(n_embd // 64, 1), n_embd
+
+
+def steps_per_second(model_settings: dict, dm: AzGPTDataModule, steps: int, accumulate: int) -> float:
+    """Optimizer steps per second of this model with its real optimizer (Muon's fixed cost per step included)."""
+    module = AzGPT(vocab_size=dm.vocab_size, block_size=dm.block_size, **model_settings)
+    optimizer, _ = module.build_optimizer()
     blocks = dm.train_dataset()
-    started = None
-    for step in range(steps + 1):
-        if step == 1:
-            started = time.perf_counter()  # the first step warms up allocator and kernels
+    started = time.perf_counter()
+    for step in range(steps + 2):
+        if step == 2:
+            started = time.perf_counter()  # two untimed steps fault in the heap and warm the kernels
         for micro in range(accumulate):
             inputs, targets = blocks.batch_at(step * accumulate + micro)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                _, loss = module.model(inputs, targets)
+            _, loss = module.model(inputs, targets)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return steps / (time.perf_counter() - started)
 
 
+def final_scalar(log_dir: Path, tag: str) -> float:
+    """The last value of a scalar in a run's TensorBoard event files, read with TensorBoard's own reader."""
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return events.Scalars(tag)[-1].value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    shared = ROOT.parent / "shared" / "corpus"
-    parser.add_argument("--corpus", nargs="+", default=[str(shared / f) for f in ("web.txt.gz", "legal.txt.gz",
-                                                                                   "quran.txt.gz")])
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--sizes", nargs="+", default=["2x128", "3x192", "4x256"])
     parser.add_argument("--probe-steps", type=int, default=3)
-    parser.add_argument("--probe-rounds", type=int, default=2)
-    parser.add_argument("--block", type=int, default=256)
-    parser.add_argument("--micro", type=int, default=16)
-    parser.add_argument("--accumulate", type=int, default=2)
-    parser.add_argument("--min-steps", type=int, default=20)
-    parser.add_argument("--data-dir", type=Path, default=None, help="reuse a folder prepared with vocab 8192")
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shared-az")
+    parser.add_argument("--work", type=Path, default=None, help="where the runs' logs go (default: a temp folder)")
     args = parser.parse_args()
     print("command: PYTHONPATH=. python bench/laptop_sizes.py " + shlex.join(sys.argv[1:]), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
-    data_dir = args.data_dir or work / "data"
-    dm = AzGPTDataModule(data_dir=str(data_dir), corpus=args.corpus, vocab_size=VOCAB, block_size=args.block,
-                         batch_size=args.micro, val_max_blocks=100)
+    tune_malloc()
+    laptop = yaml.safe_load((ROOT / "configs" / "laptop.yaml").read_text())
+    data, trainer = laptop["data"], laptop["trainer"]
+    data_args = ["--data.data_dir", str(args.data_dir.resolve()), "--data.corpus", json.dumps(TRAIN),
+                 "--data.max_bytes", "null", "--data.val_corpus", json.dumps(HELD_OUT)]
+    dm = AzGPTDataModule(data_dir=str(args.data_dir.resolve()), corpus=TRAIN, val_corpus=HELD_OUT, max_bytes=None,
+                         vocab_size=data["vocab_size"], block_size=data["block_size"], batch_size=data["batch_size"],
+                         val_max_blocks=data["val_max_blocks"])
     dm.prepare_data()
     dm.setup()
-    precision = choose_precision("cpu", "16-mixed")
-    dtype = precision_dtype(precision)
+    accumulate = trainer["accumulate_grad_batches"]
+    tokens_per_step = data["batch_size"] * accumulate * data["block_size"]
+    train_tokens = dm.meta["splits"]["train"]["tokens"]
+    print(f"data: {train_tokens:,} train tokens (web, legal, quran, social), held out: wiki + poetry; "
+          f"{torch.get_num_threads()} threads, fp32; {tokens_per_step:,} tokens per optimizer step", flush=True)
+
+    sizes = {name: parse_size(name) for name in args.sizes}
+    settings = {name: {**laptop["model"], "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
+                for name, (n_layer, n_head, n_embd) in sizes.items()}
     rates: dict[str, float] = {}
-    for round_index in range(args.probe_rounds):
-        for name in args.sizes if round_index % 2 == 0 else reversed(args.sizes):
-            rate = steps_per_second(SIZES[name], dm, dtype, args.probe_steps, args.accumulate)
+    for round_index in range(2):
+        for name in args.sizes if round_index == 0 else reversed(args.sizes):
+            rate = steps_per_second(settings[name], dm, args.probe_steps, accumulate)
             rates[name] = max(rates.get(name, 0.0), rate)
-    tokens_per_step = args.micro * args.accumulate * args.block
-    print(f"data: {' '.join(args.corpus)}, {dm.meta['splits']['train']['tokens']:,} train tokens; precision {precision}; "
-          f"{os.cpu_count()} CPUs (shared machine)", flush=True)
-    results = {}
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
     for name in args.sizes:
-        n_layer, n_head, n_embd = SIZES[name]
-        full_steps = int(rates[name] * args.minutes * 60)
-        steps = max(int(full_steps * args.scale), args.min_steps)
-        print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {full_steps:,} steps in {args.minutes:g} "
-              f"min; training {steps} steps (scale {args.scale:g})", flush=True)
-        cli = run_lightning_cli([
-            "fit", "--config", "quickstart.yaml", "--data.data_dir", str(data_dir),
-            "--data.corpus", json.dumps(args.corpus), "--data.vocab_size", str(VOCAB),
-            "--data.block_size", str(args.block), "--data.batch_size", str(args.micro), "--data.val_max_blocks", "100",
-            "--model.n_layer", str(n_layer), "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
-            "--model.dropout", "0.0", "--model.warmup_steps", str(max(steps // 20, 2)),
-            "--trainer.max_steps", str(steps), "--trainer.accumulate_grad_batches", str(args.accumulate),
-            "--val_every_n_steps", str(steps), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(work / name)])
-        results[name] = float(cli.trainer.callback_metrics["val_bpb"])
-        print(f"{name}: val_bpb {results[name]:.4f} after {steps} steps", flush=True)
-    best = min(results, key=results.get)
-    print(f"best in equal time: {best} (val_bpb {results[best]:.4f})")
+        n_layer, n_head, n_embd = sizes[name]
+        steps = max(int(rates[name] * args.minutes * 60 * args.scale), 20)
+        print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {steps:,} steps "
+              f"({steps * tokens_per_step / train_tokens:.2f} epochs)", flush=True)
+        command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config", "laptop.yaml",
+                   *data_args, "--model.n_layer", str(n_layer), "--model.n_head", str(n_head),
+                   "--model.n_embd", str(n_embd), "--trainer.max_steps", str(steps),
+                   "--val_every_n_steps", str(max(steps // 10, 1)), "--early_stopping", "null",
+                   "--trainer.enable_progress_bar", "false"]
+        (work / name).mkdir()
+        started = time.perf_counter()
+        run = subprocess.run(command, cwd=work / name,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        (work / name / "fit.log").write_text(run.stdout + run.stderr)
+        if run.returncode != 0:
+            raise SystemExit(f"{name}: fit failed (exit {run.returncode}); see {work / name / 'fit.log'}")
+        version = max((work / name / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
+        val_bpb = final_scalar(version, "val_bpb")
+        params = AzGPT(vocab_size=dm.vocab_size, block_size=dm.block_size, **settings[name]).model.num_params(non_embedding=False)
+        rows.append((name, params, steps, seconds, val_bpb))
+        print(f"{name}: val_bpb {val_bpb:.4f} after {steps} steps in {seconds / 60:.1f} min ({version})", flush=True)
+
+    print("\n| size | parameters | optimizer steps | tokens | wall time | final val_bpb |\n|---|---|---|---|---|---|")
+    for name, params, steps, seconds, val_bpb in rows:
+        print(f"| {name} | {params / 1e6:.2f} M | {steps:,} | {steps * tokens_per_step / 1e6:.1f} M | "
+              f"{seconds / 60:.1f} min | {val_bpb:.4f} |")
+    best = min(rows, key=lambda row: row[4])
+    print(f"best in equal time: {best[0]} (val_bpb {best[4]:.4f})")
 
 
 if __name__ == "__main__":
