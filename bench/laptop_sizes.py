@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.runtime import tune_malloc
+from azgpt.train.history import read_history
 from azgpt.train.module import AzGPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +40,18 @@ HELD_OUT = [str(SHARED / f"{name}.txt.gz") for name in ("wiki", "poetry")]
 
 def parse_size(text: str) -> tuple[int, int, int]:
     """``4x256`` -> (layers 4, heads 4, width 256): heads of width 64."""
-    n_layer, n_embd = (int(part) for part in text.lower().split("x"))
-    return n_layer, max(n_embd // 64, 1), n_embd
+    try:
+        n_layer, n_embd = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERSxWIDTH, e.g. 4x256") from None
+    if n_layer < 1 or n_embd < 64 or n_embd % 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs at least one layer and a width that is a multiple of 64")
+    return n_layer, n_embd // 64, n_embd
 
 
-def steps_per_second(model_settings: dict, dm: AzGPTDataModule, steps: int, accumulate: int) -> float:
-    """Optimizer steps per second of this model with its real optimizer (Muon's fixed cost per step included)."""
+def steps_per_second(model_settings: dict, dm: AzGPTDataModule, steps: int, accumulate: int) -> tuple[float, int]:
+    """Optimizer steps per second of this model with its real optimizer (Muon's fixed cost per step included),
+    and its parameter count."""
     module = AzGPT(vocab_size=dm.vocab_size, block_size=dm.block_size, **model_settings)
     optimizer, _ = module.build_optimizer()
     blocks = dm.train_dataset()
@@ -59,21 +65,15 @@ def steps_per_second(model_settings: dict, dm: AzGPTDataModule, steps: int, accu
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return steps / (time.perf_counter() - started)
-
-
-def final_scalar(log_dir: Path, tag: str) -> float:
-    """The last value of a scalar in a run's TensorBoard event files, read with TensorBoard's own reader."""
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return events.Scalars(tag)[-1].value
+    return steps / (time.perf_counter() - started), module.model.num_params(non_embedding=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--sizes", nargs="+", default=["2x128", "3x192", "4x256"])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=["2x128", "3x192", "4x256"],
+                        help="LAYERSxWIDTH, heads of width 64")
     parser.add_argument("--probe-steps", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shared-az")
     parser.add_argument("--work", type=Path, default=None, help="where the runs' logs go (default: a temp folder)")
@@ -95,20 +95,20 @@ def main() -> None:
     print(f"data: {train_tokens:,} train tokens (web, legal, quran, social), held out: wiki + poetry; "
           f"{torch.get_num_threads()} threads, fp32; {tokens_per_step:,} tokens per optimizer step", flush=True)
 
-    sizes = {name: parse_size(name) for name in args.sizes}
+    sizes = {f"{n_layer}x{n_embd}": (n_layer, n_head, n_embd) for n_layer, n_head, n_embd in args.sizes}
     settings = {name: {**laptop["model"], "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
                 for name, (n_layer, n_head, n_embd) in sizes.items()}
     rates: dict[str, float] = {}
+    parameters: dict[str, int] = {}
     for round_index in range(2):
-        for name in args.sizes if round_index == 0 else reversed(args.sizes):
-            rate = steps_per_second(settings[name], dm, args.probe_steps, accumulate)
+        for name in sizes if round_index == 0 else reversed(sizes):
+            rate, parameters[name] = steps_per_second(settings[name], dm, args.probe_steps, accumulate)
             rates[name] = max(rates.get(name, 0.0), rate)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.sizes:
-        n_layer, n_head, n_embd = sizes[name]
+    for name, (n_layer, n_head, n_embd) in sizes.items():
         steps = max(int(rates[name] * args.minutes * 60 * args.scale), 20)
         print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {steps:,} steps "
               f"({steps * tokens_per_step / train_tokens:.2f} epochs)", flush=True)
@@ -117,6 +117,8 @@ def main() -> None:
                    "--model.n_embd", str(n_embd), "--trainer.max_steps", str(steps),
                    "--val_every_n_steps", str(max(steps // 10, 1)), "--early_stopping", "null",
                    "--trainer.enable_progress_bar", "false"]
+        if (work / name).exists():
+            raise SystemExit(f"{work / name} already exists (an earlier run's logs): pass another --work")
         (work / name).mkdir()
         started = time.perf_counter()
         run = subprocess.run(command, cwd=work / name,
@@ -126,9 +128,8 @@ def main() -> None:
         if run.returncode != 0:
             raise SystemExit(f"{name}: fit failed (exit {run.returncode}); see {work / name / 'fit.log'}")
         version = max((work / name / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
-        val_bpb = final_scalar(version, "val_bpb")
-        params = AzGPT(vocab_size=dm.vocab_size, block_size=dm.block_size, **settings[name]).model.num_params(non_embedding=False)
-        rows.append((name, params, steps, seconds, val_bpb))
+        val_bpb = read_history(version).curve("val_bpb")[-1].value
+        rows.append((name, parameters[name], steps, seconds, val_bpb))
         print(f"{name}: val_bpb {val_bpb:.4f} after {steps} steps in {seconds / 60:.1f} min ({version})", flush=True)
 
     print("\n| size | parameters | optimizer steps | tokens | wall time | final val_bpb |\n|---|---|---|---|---|---|")
