@@ -50,3 +50,25 @@ def test_recipe_benchmark_smoke_run(tmp_path) -> None:
     assert "time to reach gpt2's final held-out bits per byte" in out
     for name in ("gpt2", "modern", "ablation"):
         assert f"{name}:" in out
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path) -> None:
+    """bench/gpu_check.py --dry_run runs every part on the CPU and says what it found (what CI can check of it)."""
+    import json
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry_run", "--out",
+                             str(tmp_path / "results")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "gpu_check_dry_run.json").read_text())
+    checks = {check["part"]: check for check in report["checks"]}
+    assert set(checks) == {"env", "quickstart", "health", "resume", "modern", "distributed", "use", "throughput"}
+    assert {check["status"] for check in checks.values()} <= {"ok", "skip"}
+    assert checks["quickstart"]["figures"]["16-mixed"]["last_ckpt_step"] == 4
+    resume = checks["resume"]["figures"]
+    assert resume["steps_compared"] == 5 and resume["bitwise_equal"] == 5  # 6 steps, the stopped one unlogged
+    assert checks["distributed"]["figures"]["ddp"]["bitwise_equal"] == 4
+    assert checks["distributed"]["figures"]["ddp"]["loads_on_cpu"] is True
+    assert checks["use"]["figures"]["export/gguf"]["exit"] == 0
+    assert checks["throughput"]["figures"]["bf16 b4x2"]["tokens_per_sec"] > 0
+    assert "| resume | ok |" in (tmp_path / "results" / "gpu_check_dry_run.md").read_text()
