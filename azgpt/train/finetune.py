@@ -17,7 +17,7 @@ from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint, load_checkpoint
 from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
-from azgpt.train.module import AzGPT, check_same_architecture
+from azgpt.train.module import AzGPT, CompileSetting, check_same_architecture
 
 EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tensor under both names when tied
 
@@ -68,7 +68,7 @@ class AzGPTFinetune(AzGPT):
         beta1: float = 0.9,
         beta2: float = 0.95,
         eps: float = 1e-8,
-        compile: bool = False,
+        compile: CompileSetting = False,
     ) -> None:
         base = load_checkpoint(init_from)
         tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(base.tokenizer)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from typing import Any
+from typing import Any, Literal, Union
 
 import lightning as L
 import torch
@@ -26,6 +27,24 @@ OPTIMIZERS = ("adamw", "muon")
 RECIPE_OPTIMIZERS = {"gpt2": "adamw", "modern": "muon"}  # the optimizer that is part of each named recipe
 # Architecture settings a recipe chooses when left at None (see azgpt.model.RECIPES)
 RECIPE_KEYS = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap")
+# model.compile: true, false, or "cuda" (compile when training on a CUDA GPU where Triton can build kernels).
+CompileSetting = Union[bool, Literal["cuda"]]
+
+
+def compile_decision(setting: CompileSetting, device: torch.device) -> tuple[bool, str | None]:
+    """Whether ``setting`` compiles the model on ``device``, and why not where ``"cuda"`` had to fall back."""
+    if isinstance(setting, bool):
+        return setting, None
+    if setting != "cuda":
+        raise AzGPTError(f"model.compile must be true, false or cuda, got {setting!r}")
+    if device.type != "cuda":
+        return False, None  # "cuda" means: only on a GPU
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed, so torch.compile has no GPU backend"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return False, f"this GPU's compute capability {major}.{minor} is below Triton's 7.0"
+    return True, None
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -104,7 +123,8 @@ class AzGPT(L.LightningModule):
         decay_steps: optimizer step where the cosine reaches its floor (None: ``trainer.max_steps``).
         weight_decay: AdamW decay, applied to the weights of linear and embedding layers only.
         beta1, beta2, eps: AdamW constants.
-        compile: compile the model with ``torch.compile``.
+        compile: compile the model with ``torch.compile``: true, false, or ``cuda`` (only when training on a
+            CUDA GPU that Triton supports; elsewhere it says why once and runs uncompiled).
     """
 
     def __init__(
@@ -138,7 +158,7 @@ class AzGPT(L.LightningModule):
         beta1: float = 0.9,
         beta2: float = 0.95,
         eps: float = 1e-8,
-        compile: bool = False,
+        compile: CompileSetting = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -153,6 +173,7 @@ class AzGPT(L.LightningModule):
         optimizer = optimizer or RECIPE_OPTIMIZERS[recipe]
         if optimizer not in OPTIMIZERS:
             raise AzGPTError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        compile_decision(compile, torch.device("cpu"))  # refuses an unknown setting before any work
         # Checkpoints record what was built, not None: they load without knowing what the recipe was then.
         self.hparams.update({key: getattr(self.config, key) for key in RECIPE_KEYS}, optimizer=optimizer)
         if learning_rate <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
@@ -182,7 +203,13 @@ class AzGPT(L.LightningModule):
     # -- setup -----------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.hparams.compile and not getattr(self, "_compiled", False):
+        if getattr(self, "_compiled", False):
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        wanted, reason = compile_decision(self.hparams.compile, device)
+        if reason:
+            rank_zero_warn(f"azgpt: model.compile cuda: not compiling ({reason})")
+        if wanted:
             self.model.compile()  # in place: state-dict keys stay clean
             self._compiled = True
 

@@ -35,3 +35,27 @@ def test_compiled_model_trains_and_saves_clean_keys(tmp_path) -> None:
     assert set(keys) == set(plain.state_dict().keys())
     restored = AzGPT.load_from_checkpoint(path, compile=False)
     torch.testing.assert_close(restored.model.transformer.wte.weight, model.model.transformer.wte.weight)
+
+
+def test_compile_cuda_means_only_on_a_gpu() -> None:
+    """model.compile: cuda compiles on CUDA only; true/false are kept as they are; anything else is refused."""
+    from azgpt.errors import AzGPTError
+    from azgpt.train.module import compile_decision
+
+    assert compile_decision("cuda", torch.device("cpu")) == (False, None)
+    assert compile_decision(True, torch.device("cpu")) == (True, None)
+    assert compile_decision(False, torch.device("cuda")) == (False, None)
+    with pytest.raises(AzGPTError, match="model.compile must be true, false or cuda, got 'yes'"):
+        AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, compile="yes")
+
+
+def test_compile_cuda_without_triton_says_why(monkeypatch) -> None:
+    """On a GPU without Triton, compile: cuda falls back to eager with the reason, instead of failing mid-step."""
+    import importlib.util
+
+    from azgpt.train.module import compile_decision
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    wanted, reason = compile_decision("cuda", torch.device("cuda"))
+    assert not wanted and "Triton is not installed" in reason
