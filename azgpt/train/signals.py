@@ -14,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from azgpt.errors import TrainingInterrupted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What AzGPT logs per optimizer step (module.py), written by hand for the step a stop ends on.
+STEP_METRICS = ("train_loss", "grad_norm")
 
 
 class GracefulStop(L.Callback):
@@ -66,9 +68,19 @@ class GracefulStop(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
+        self._log_final_step(trainer)
         path = str(self.checkpoint_path(trainer))
         trainer.save_checkpoint(path, False)  # False: the whole training state, not the weights alone
         raise TrainingInterrupted(self._received or signal.SIGTERM, trainer.global_step, path)
+
+    @staticmethod
+    def _log_final_step(trainer: L.Trainer) -> None:
+        """Write the finished step's loss: Lightning logs a step's metrics only after this hook, so the stop
+        raised here would leave the curve one point short of the checkpoint (and a resumed curve with a gap)."""
+        metrics = {key: float(trainer.callback_metrics[key]) for key in STEP_METRICS if key in trainer.callback_metrics}
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step - 1)  # Lightning's step of the same point
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:
