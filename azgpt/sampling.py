@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
@@ -58,7 +58,7 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Generator:
         """Load a ``.ckpt`` written by ``azgpt fit`` (safely: tensors and plain data only)."""
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_model(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         template = checkpoint.chat_template  # a fine-tuned model: its reply also ends at the template's end token

@@ -15,9 +15,10 @@ ALLOWED = {
     "model": set(),
     "data": {"errors", "atomic"},
     "checkpoint": {"errors", "model", "data"},
-    "sampling": {"errors", "model", "data", "checkpoint"},
-    "train": {"errors", "atomic", "model", "data", "checkpoint", "sampling"},
-    "use": {"errors", "atomic", "model", "data", "checkpoint", "sampling"},
+    "artifact": {"errors", "atomic", "model", "data", "checkpoint"},  # the model folder, and load_model for both
+    "sampling": {"errors", "model", "data", "checkpoint", "artifact"},
+    "train": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling"},
+    "use": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling"},
     "cli": {"errors", "runtime", "train"},  # the other verbs are imported by name from cli.VERBS when run
 }
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint, load_checkpoint_file
+from azgpt.artifact import load_model
+from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint_file
 from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
@@ -70,7 +71,7 @@ class AzGPTFinetune(AzGPT):
         eps: float = 1e-8,
         compile: CompileSetting = False,
     ) -> None:
-        base = load_checkpoint(init_from)
+        base = load_model(init_from)
         tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(base.tokenizer)
         known = base.tokenizer.get_vocab_size()
         new_ids = [i for i in DEFAULT_TEMPLATE.token_ids(tokenizer).values() if i >= known]

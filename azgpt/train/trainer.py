@@ -2,7 +2,8 @@
 
 ``build_trainer(**kwargs)`` is ``lightning.Trainer(**kwargs)`` plus azgpt's defaults, each added only when the
 caller did not bring its own: atomic checkpoint writes (``AtomicCheckpointIO``), a graceful stop on SIGTERM /
-SIGINT (``GracefulStop``), ``last.ckpt`` saved at the final step (``SaveLastAtEnd``), the data budget stated
+SIGINT (``GracefulStop``), ``last.ckpt`` saved at the final step (``SaveLastAtEnd``), the model folder written
+when training ends (``WriteModelFolder``), the data budget stated
 when fit starts (``DataBudgetCheck``), a progress bar that counts optimizer steps under accumulation, and on a
 CPU the faster of bf16-mixed and 32-true for a ``16-mixed`` request.
 """
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from azgpt.train.budget import DataBudgetCheck
 from azgpt.train.callbacks import StepProgressBar
 from azgpt.train.checkpointing import AtomicCheckpointIO, SaveLastAtEnd
+from azgpt.train.model_folder import WriteModelFolder
 from azgpt.train.precision import resolve_cpu_precision
 from azgpt.train.signals import GracefulStop
 
@@ -60,6 +62,7 @@ def with_azgpt_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     settings["plugins"] = _with_default(_as_list(settings.get("plugins")), CheckpointIO, AtomicCheckpointIO)
     callbacks = _with_default(_as_list(settings.get("callbacks")), GracefulStop, GracefulStop)
     callbacks = _with_default(callbacks, SaveLastAtEnd, SaveLastAtEnd)
+    callbacks = _with_default(callbacks, WriteModelFolder, WriteModelFolder)  # after last.ckpt, which it names
     callbacks = _with_default(callbacks, DataBudgetCheck, DataBudgetCheck)
     if settings.get("enable_progress_bar") is not False:
         callbacks = _with_default(callbacks, ProgressBar, StepProgressBar)

@@ -22,7 +22,7 @@ from typing import TextIO
 
 import torch
 
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.chat import ChatTemplate, Message
 from azgpt.errors import AzGPTError
 from azgpt.sampling import Generator, Sampling, crop_note
@@ -58,7 +58,7 @@ class ChatSession:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         sampling: Sampling | None = None, seed: int | None = None) -> ChatSession:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_model(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         stored = checkpoint.chat_template

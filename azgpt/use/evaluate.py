@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.corpus import iter_documents, resolve_corpus_files
 from azgpt.data.prepare import DocumentEncoder
 from azgpt.errors import AzGPTError
@@ -215,7 +215,7 @@ def evaluate(checkpoint: str | Path, corpus: str | Path | Sequence[str | Path], 
     if max_docs is not None and (isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1):
         raise AzGPTError(f"--max_docs must be a positive integer, got {max_docs!r}")
     files = resolve_corpus_files(corpus)  # every path checked before any work
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_model(checkpoint)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer = Scorer(loaded.build_model(device), loaded.tokenizer, stride=stride, batch_size=batch_size)
     for file in files:

@@ -21,7 +21,8 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import atomic_folder, create_exclusive, write_error
-from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
+from azgpt.artifact import export_model_folder, load_model
+from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.data.chat import ChatTemplate
@@ -210,8 +211,7 @@ def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str,
     try:
         from safetensors.torch import save
     except ImportError:
-        raise AzGPTError("export needs the safetensors package: pip install 'azgpt[export]' "
-                         "(or pip install safetensors)") from None
+        raise AzGPTError("export needs the safetensors package: pip install safetensors") from None
     hf_class = hf_architecture(model.config)  # raises for what neither GPT-2 nor Llama computes
     eot_id = tokenizer.token_to_id(EOT)
     if hf_class == "LlamaForCausalLM":
@@ -242,7 +242,7 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
         raise AzGPTError(f"--out {out} is a file: give a folder to export into")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
     card = model_card(checkpoint, model, out.resolve().name)
     stored = checkpoint.chat_template
@@ -262,17 +262,18 @@ def _json_bytes(content: dict[str, Any]) -> bytes:
     return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Literal["hf", "gguf"] = "hf",
-                   outtype: str | None = None) -> int:
-    """Write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, or LlamaForCausalLM for the modern recipe:
+def export_command(ckpt: Path, out: Path, overwrite: bool = False,
+                   format: Literal["hf", "gguf", "azgpt"] = "hf", outtype: str | None = None) -> int:
+    """Write a model as a Hugging Face folder (GPT2LMHeadModel, or LlamaForCausalLM for the modern recipe:
     config.json, model.safetensors, tokenizer files, README.md model card; needs safetensors, not transformers),
-    or with --format gguf as one GGUF file for llama.cpp and Ollama plus an Ollama Modelfile (needs gguf).
+    with --format gguf as one GGUF file for llama.cpp and Ollama plus an Ollama Modelfile (needs gguf), or with
+    --format azgpt as azgpt's own model folder (what fit writes into its run folder when it ends).
 
     Args:
-        ckpt: checkpoint written by azgpt fit.
+        ckpt: a model folder (lightning_logs/version_N/model) or a checkpoint written by azgpt fit.
         out: folder to write (new or empty).
         overwrite: write into a folder that already holds files.
-        format: hf (a Hugging Face folder) or gguf (llama.cpp / Ollama).
+        format: hf (a Hugging Face folder), gguf (llama.cpp / Ollama) or azgpt (a model folder).
         outtype: number format of a GGUF's weight matrices: f32, f16 (default) or q8_0.
     """
     if format == "gguf":
@@ -284,8 +285,14 @@ def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Liter
         name = path.parent.resolve().name.lower()
         print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {name} -f Modelfile)")
         return 0
+    if format == "azgpt":
+        if outtype is not None:
+            raise AzGPTError("--outtype applies to --format gguf; a model folder keeps the weights as trained")
+        written = export_model_folder(ckpt, out, overwrite=overwrite)
+        print(f"exported {ckpt} to {written}/ (every azgpt verb reads it: azgpt generate --ckpt {written})")
+        return 0
     if format != "hf":
-        raise AzGPTError(f"--format must be hf or gguf, got {format!r}")
+        raise AzGPTError(f"--format must be hf, gguf or azgpt, got {format!r}")
     if outtype is not None:
         raise AzGPTError("--outtype applies to --format gguf; the Hugging Face folder is always float32")
     written = export_checkpoint(ckpt, out, overwrite=overwrite)

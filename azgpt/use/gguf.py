@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import atomic_folder, write_error
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
@@ -269,7 +269,7 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # before the slow part; atomic_folder checks again
         raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
     check_outtype_name(outtype)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
     gguf_architecture(model)  # refuses, before anything is written, what neither gpt2 nor llama computes
     stored = checkpoint.chat_template
