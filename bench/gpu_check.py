@@ -408,6 +408,9 @@ def part_use(plan: Plan, check: Check) -> None:
         jobs[f"evaluate/{device}"] = (azgpt("evaluate", "--ckpt", str(ckpt), "--corpus",
                                             json.dumps([str(SAMPLE / "xeberler.txt")]), "--json", "true",
                                             "--device", device), None)
+    folder = ckpt.parents[1] / "model"  # the model folder the same run wrote: same text as from the .ckpt
+    jobs["generate/folder"] = (azgpt("generate", "--ckpt", str(folder), "--prompt", "Azərbaycan", "--max_new_tokens",
+                                     "24", "--temperature", "0", "--device", devices[0]), None)
     jobs["export/hf"] = (azgpt("export", "--ckpt", str(ckpt), "--out", str(plan.work / "export-hf")), None)
     jobs["export/gguf"] = (azgpt("export", "--ckpt", str(ckpt), "--format", "gguf",
                                  "--out", str(plan.work / "export.gguf")), None)
@@ -418,7 +421,7 @@ def part_use(plan: Plan, check: Check) -> None:
     for name, ran in results.items():
         check.figures[name] = {"exit": ran.code, "seconds": round(ran.seconds, 1)}
         check.expect(ran.code == 0, f"{name}: exit {ran.code}: {ran.tail()}")
-        if name.startswith("generate/") and ran.code == 0:
+        if name.startswith("generate/") and ran.code == 0:  # the text, without the note lines on stderr
             check.figures[name]["text"] = ran.out.strip()[:120]
     losses = {}
     for device in devices:
@@ -429,6 +432,9 @@ def part_use(plan: Plan, check: Check) -> None:
     if len(losses) == 2:
         check.expect(abs(losses["cuda"] - losses["cpu"]) <= 1e-3 * abs(losses["cpu"]),
                      f"evaluate: loss on CUDA {losses['cuda']} vs CPU {losses['cpu']}")
+    from_folder = check.figures.get("generate/folder", {}).get("text")
+    check.expect(from_folder == check.figures.get(f"generate/{devices[0]}", {}).get("text"),
+                 "generate from the model folder differs from generate from last.ckpt")
     texts = [check.figures.get(f"generate/{d}", {}).get("text") for d in devices]
     if plan.cuda and all(texts):
         check.figures["greedy_same_on_cuda_and_cpu"] = texts[0] == texts[1]

@@ -124,7 +124,7 @@ class AzGPTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer ``build_trainer`` would make: azgpt's plugins and callbacks unless the config has its own."""
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
-        defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks",
+        defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks", "logger",
                                                                           "enable_progress_bar")})
         kwargs.setdefault("plugins", defaults["plugins"])
         callbacks = defaults["callbacks"]

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.train.budget import DataBudgetCheck
@@ -66,8 +66,22 @@ def with_azgpt_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     callbacks = _with_default(callbacks, DataBudgetCheck, DataBudgetCheck)
     if settings.get("enable_progress_bar") is not False:
         callbacks = _with_default(callbacks, ProgressBar, StepProgressBar)
+    if settings.get("logger") is False:
+        callbacks = _without_logging_callbacks(callbacks)
     settings["callbacks"] = callbacks
     return settings
+
+
+# Callbacks that only write to a logger, and that Lightning refuses to start without one.
+LOGGING_ONLY = (LearningRateMonitor, DeviceStatsMonitor)
+
+
+def _without_logging_callbacks(callbacks: list) -> list:
+    """``callbacks`` less those with nothing to do under ``logger: false`` (Lightning would stop the run)."""
+    dropped = [type(c).__name__ for c in callbacks if isinstance(c, LOGGING_ONLY)]
+    if dropped:
+        rank_zero_info(f"azgpt: trainer.logger is false, so {', '.join(dropped)} (which only log) are left out")
+    return [c for c in callbacks if not isinstance(c, LOGGING_ONLY)]
 
 
 def build_trainer(**kwargs: Any) -> L.Trainer:
