@@ -1,5 +1,5 @@
 """Export a checkpoint as a Hugging Face ``GPT2LMHeadModel`` folder, without needing ``transformers``
-(a modern-recipe model as ``LlamaForCausalLM``: see ``azgpt.use.export_llama``).
+(a modern-recipe model as ``LlamaForCausalLM``; the weight mapping is in ``azgpt.use.adapters``).
 
 The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json`` and a model card ``README.md``; then
@@ -26,45 +26,14 @@ from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.data.chat import ChatTemplate
-from azgpt.use.export_llama import hf_architecture, llama_config, llama_state_dict
+from azgpt.use.adapters import gpt2_state_dict, hf_architecture, llama_config, llama_state_dict
 from azgpt.data.tokenizer import EOT
 
 # azgpt activation -> transformers' activation_function with the same formula
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 
-CONV1D_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-LAYER_NORMS = ("ln_1", "ln_2")
 EXPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "README.md")
-
-
-def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """``model``'s weights under GPT2LMHeadModel's names and layouts.
-
-    The embedding keeps only the tokenizer's ``vocab_size`` rows: azgpt pads it to a multiple of 64 but never
-    samples a padded id, and dropping those rows keeps a Hugging Face model from ever producing an id its
-    tokenizer lacks, while the logits of every real token stay the same. Missing biases (``bias=False``) are
-    written as zeros, since GPT-2 always has them; the tied ``lm_head.weight`` is left out, as
-    ``save_pretrained`` does.
-    """
-    cfg = model.config
-    source = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
-    out = {
-        "transformer.wte.weight": source["transformer.wte.weight"][: cfg.vocab_size],
-        "transformer.wpe.weight": source["transformer.wpe.weight"],
-    }
-    widths = {"attn.c_attn": 3 * cfg.n_embd, "attn.c_proj": cfg.n_embd, "mlp.c_fc": 4 * cfg.n_embd,
-              "mlp.c_proj": cfg.n_embd}
-    norms = [f"transformer.h.{i}.{ln}" for i in range(cfg.n_layer) for ln in LAYER_NORMS] + ["transformer.ln_f"]
-    for name in norms:
-        out[f"{name}.weight"] = source[f"{name}.weight"]
-        out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(cfg.n_embd))
-    for i in range(cfg.n_layer):
-        for layer in CONV1D_WEIGHTS:
-            name = f"transformer.h.{i}.{layer}"
-            out[f"{name}.weight"] = source[f"{name}.weight"].t()
-            out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(widths[layer]))
-    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
 
 
 def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:

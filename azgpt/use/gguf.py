@@ -31,13 +31,12 @@ from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, NORM_EPS
-from azgpt.use.export import CONV1D_WEIGHTS, gpt2_state_dict
-from azgpt.use.export_llama import hf_architecture, llama_state_dict
+from azgpt.use.adapters import CONV1D_WEIGHTS, gpt2_state_dict, hf_architecture, llama_state_dict
 
 OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp runs for both
 OUTTYPES: tuple[str, ...] = get_args(OutType)
 DEFAULT_OUTTYPE: OutType = "f16"
-# llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.export_llama.hf_architecture)
+# llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.adapters.hf_architecture)
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
 LAYER_NORM_EPS = 1e-5
