@@ -405,7 +405,7 @@ def _check_existing_output(config: PrepareConfig, sha: str, sources: Sequence[st
                          f"pass --overwrite to replace them, or choose another folder")
     difference = prepared_from_other_data(config.out, meta, config.corpus, config.val_corpus, config.max_bytes,
                                           option="--", remedy="pass --overwrite to replace them, or choose another "
-                                                              "folder")
+                                                              "folder", null_accepts_any=False)
     if difference:
         raise AzGPTError(f"--out {config.out} holds token files of other data: {difference}")
 
@@ -432,28 +432,34 @@ def _same_sources(recorded: Sequence[str], configured: Sequence[str], sample: bo
 
 def prepared_from_other_data(data_dir: Path, meta: dict, corpus: Sequence[str] | None,
                              val_corpus: Sequence[str] | None, max_bytes: str | None, option: str = "data.",
-                             remedy: str | None = None) -> str | None:
+                             remedy: str | None = None, null_accepts_any: bool = True) -> str | None:
     """Why the token files in ``data_dir`` (described by ``meta``) are not what ``corpus``, ``val_corpus`` and
     ``max_bytes`` would prepare, in one line naming both sides (options spelled ``{option}corpus``); None when
-    they are."""
+    they are. With ``null_accepts_any`` (fit's reading) a setting left null accepts what the folder holds, so
+    ``azgpt prepare --corpus mine/ --out d`` then ``fit --config quickstart.yaml --data.data_dir d`` works; for
+    prepare itself a null corpus means the sample corpus and is compared like any other."""
     remedy = remedy or (f"point data.data_dir at a new folder to prepare this data there, or delete {data_dir} (or "
                         f"run azgpt prepare --out {data_dir} --overwrite) to prepare it again")
     recorded = [str(s) for s in meta.get("source") or []]
-    if recorded and not _same_sources(recorded, _as_prepared(corpus), corpus is None):
+    if corpus is None and null_accepts_any:
+        pass
+    elif recorded and not _same_sources(recorded, _as_prepared(corpus), corpus is None):
         wanted = "null (the sample corpus)" if corpus is None else ", ".join(map(str, corpus))
         had = ("the sample corpus" if _same_sources(recorded, _as_prepared(None), sample=True)
                else ", ".join(recorded))
         return f"{option}corpus is {wanted} but {data_dir} was prepared from {had}: {remedy}"
     recorded_val = [str(s) for s in meta.get("val_source") or []]
     configured_val = _as_prepared(val_corpus) if val_corpus else []
-    if ("source" in meta and (bool(recorded_val) != bool(configured_val)
+    if val_corpus is None and null_accepts_any:
+        pass
+    elif ("source" in meta and (bool(recorded_val) != bool(configured_val)
                               or (recorded_val and not _same_sources(recorded_val, configured_val, False)))):
         wanted = ", ".join(map(str, val_corpus)) if val_corpus else "null (val_fraction of the corpus)"
         had = ", ".join(recorded_val) if recorded_val else f"val_fraction {meta.get('val_fraction')} of the corpus"
         return f"{option}val_corpus is {wanted} but {data_dir} took its validation text from {had}: {remedy}"
     recorded_bytes = (meta.get("slice") or {}).get("max_bytes")
     wanted_bytes = parse_size(max_bytes, f"{option}max_bytes")
-    if "source" in meta and recorded_bytes != wanted_bytes:
+    if "source" in meta and recorded_bytes != wanted_bytes and not (max_bytes is None and null_accepts_any):
         def shown(size: int | None) -> str:
             return "null (all of it)" if size is None else f"{size:,} bytes"
         return (f"{option}max_bytes is {shown(wanted_bytes)} but {data_dir} was prepared from a slice of "

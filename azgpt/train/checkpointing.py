@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from azgpt.atomic import create_exclusive, fsync_folder, write_error
 from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file, non_finite_weights
+from azgpt.train.lightning_private import save_last_now
 from azgpt.errors import AzGPTError
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -141,10 +142,8 @@ class SaveLastAtEnd(L.Callback):
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         for callback in trainer.checkpoint_callbacks:
-            if (isinstance(callback, ModelCheckpoint) and callback.save_last
-                    and callback._last_global_step_saved != trainer.global_step):
-                # The private helper names, versions and records last.ckpt exactly as ModelCheckpoint does.
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                save_last_now(callback, trainer)
 
 
 # -- reading and choosing -----------------------------------------------------------------------------

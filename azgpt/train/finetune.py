@@ -110,7 +110,11 @@ class FinetuneCLI(AzGPTCLI):
 
     def _parse_ckpt_path(self) -> None:
         """On resume the fine-tune's own hyperparameters replace the config's, as in fit; those that are not
-        AzGPTFinetune's options (architecture settings it reads from ``init_from``) are left to it."""
+        AzGPTFinetune's options (architecture settings it reads from ``init_from``) are left to it.
+
+        Overrides a private LightningCLI method (listed in azgpt/train/lightning_private.py): Lightning's own
+        would feed it every saved hyperparameter, which AzGPTFinetune's parser refuses."""
+        self._model_asked_for = None  # checked below against the options alone, not AzGPTCLI's whole model
         ckpt_path = self.config.fit.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return

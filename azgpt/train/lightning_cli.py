@@ -72,6 +72,9 @@ class AzGPTCLI(LightningCLI):
             # Before LightningCLI itself opens the file (for its hyperparameters) and before fit() does.
             trainer = config.trainer.as_dict() if hasattr(config.trainer, "as_dict") else dict(config.trainer)
             config.ckpt_path = resolve_checkpoint(str(config.ckpt_path), checkpoint_folders(trainer))
+            # LightningCLI then replaces the model's settings with the checkpoint's hyperparameters; what the user
+            # asked for is kept here and compared in before_instantiate_classes.
+            self._model_asked_for = dict(vars(config.model))
 
     links = (("data.vocab_size", "model.vocab_size"), ("data.block_size", "model.block_size"))
 
@@ -85,17 +88,11 @@ class AzGPTCLI(LightningCLI):
                             help="Stop when val_loss has not improved for this many validations "
                                  "(Lightning's EarlyStopping; null: never stop early).")
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning replaces the model's config with the checkpoint's hyperparameters here; refuse rather
-        # than silently drop an architecture the user asked for.
-        subcommand = self.config.get("subcommand")
-        configured = dict(vars(self.config[subcommand].model)) if subcommand else {}
-        super()._parse_ckpt_path()
-        if subcommand:
-            check_same_architecture(with_recipe(dict(vars(self.config[subcommand].model))), with_recipe(configured))
-
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        asked_for = getattr(self, "_model_asked_for", None)
+        if asked_for is not None:  # refuse rather than silently drop an architecture the user asked for
+            check_same_architecture(with_recipe(dict(vars(config.model))), with_recipe(asked_for))
         trainer = config.trainer
         trainer.precision = choose_precision(trainer.accelerator, trainer.precision)
         every = config.get("val_every_n_steps")

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import TrainingInterrupted
+from azgpt.train.lightning_private import forget_sigterm, should_accumulate
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What AzGPT logs per optimizer step (module.py), written by hand for the step a stop ends on.
@@ -41,7 +42,7 @@ class GracefulStop(L.Callback):
         self._announced = False
         if trainer.received_sigterm:  # arrived during setup, through Lightning's handler
             self._received = signal.SIGTERM
-            trainer._signal_connector.received_sigterm = False
+            forget_sigterm(trainer)
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in STOP_SIGNALS:
@@ -56,7 +57,7 @@ class GracefulStop(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             if self._received is not None and not self._announced:
                 self._announced = True
                 rank_zero_info(f"azgpt: received {signal.Signals(self._received).name}: finishing optimizer step "

@@ -39,14 +39,24 @@ def test_fit_refuses_a_folder_prepared_from_other_data(prepared_dir, other_text,
     assert not (tmp_path / "lightning_logs").exists() or not list(tmp_path.glob("lightning_logs/*/checkpoints/*"))
 
 
-def test_the_same_settings_train_and_a_moved_sample_corpus_is_still_the_sample(prepared_dir, tmp_path, monkeypatch,
-                                                                              capsys) -> None:
-    """The sample corpus lives inside the installed package: a new install moves it, and its folder still fits."""
+def test_a_null_setting_accepts_the_folder_as_prepared(prepared_dir, tmp_path, monkeypatch, capsys) -> None:
+    """prepare --corpus mine/ then fit --config quickstart.yaml (corpus: null) --data.data_dir: the folder decides."""
+    monkeypatch.chdir(tmp_path)
+    meta = json.loads((prepared_dir / "meta.json").read_text())
     moved = tmp_path / "data"
     shutil.copytree(prepared_dir, moved)
-    meta = json.loads((moved / "meta.json").read_text())
-    meta["source"] = [f"/old/venv/site-packages/azgpt/sample_corpus/{name.rsplit('/', 1)[-1]}"
-                      for name in meta["source"]]
-    (moved / "meta.json").write_text(json.dumps(meta))
-    monkeypatch.chdir(tmp_path)
+    (moved / "meta.json").write_text(json.dumps({**meta, "source": ["/elsewhere/mine.txt"]}))
     assert main(tiny_fit_args(moved, max_steps=1) + ["--trainer.logger", "false"]) == 0, capsys.readouterr().err
+
+
+def test_a_moved_sample_corpus_is_still_the_sample(prepared_dir) -> None:
+    """The sample corpus lives inside the installed package, which a reinstall moves: its file names identify it."""
+    from azgpt.data.prepare import prepared_from_other_data
+
+    meta = json.loads((prepared_dir / "meta.json").read_text())
+    moved = {**meta, "source": [f"/old/venv/site-packages/azgpt/sample_corpus/{name.rsplit('/', 1)[-1]}"
+                                for name in meta["source"]]}
+    assert prepared_from_other_data(prepared_dir, moved, None, None, None, null_accepts_any=False) is None
+    renamed = {**meta, "source": [name.replace(".txt", "-x.txt") for name in meta["source"]]}
+    assert "was prepared from" in prepared_from_other_data(prepared_dir, renamed, None, None, None,
+                                                           null_accepts_any=False)
