@@ -26,43 +26,11 @@ from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.data.chat import ChatTemplate
-from azgpt.use.adapters import gpt2_state_dict, hf_architecture, llama_config, llama_state_dict
+from azgpt.use.adapters import gpt2_config, gpt2_state_dict, hf_architecture, llama_config, llama_state_dict
 from azgpt.data.tokenizer import EOT
-
-# azgpt activation -> transformers' activation_function with the same formula
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 
 EXPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "README.md")
-
-
-def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
-    """``config.json`` for GPT2LMHeadModel with ``model``'s architecture."""
-    cfg = model.config
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,  # 4 * n_embd
-        "activation_function": HF_ACTIVATIONS[cfg.activation],
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": 0.0,  # azgpt has no dropout on attention weights
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
 
 
 def tokenizer_configs(block_size: int, chat_template: ChatTemplate | None = None
