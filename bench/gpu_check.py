@@ -76,6 +76,7 @@ class Plan:
     cuda: bool
     work: Path
     deadline: float
+    throughput: list[str] | None = None  # which GPT-2 small runs to time (None: all)
 
     @property
     def tiny_model(self) -> list[str]:
@@ -457,6 +458,10 @@ def part_throughput(plan: Plan, check: Check) -> None:
             "modern bf16 b24x2 compile": {"precision": "bf16-mixed", "batch_size": 24, "accumulate": 2,
                                           "compile": True, "recipe": "modern"},
         }
+    if plan.throughput:
+        unknown = set(plan.throughput) - set(configs)
+        check.expect(not unknown, f"unknown --throughput runs {sorted(unknown)}; known: {sorted(configs)}")
+        configs = {name: config for name, config in configs.items() if name in plan.throughput}
     for name, config in configs.items():
         if plan.left() < 45:
             check.skip(f"{name}: no time left")
@@ -624,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget_s", type=float, default=450, help="stop starting parts after this many seconds")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--throughput", nargs="+", default=None, metavar="RUN",
+                        help='GPT-2 small runs to time, e.g. "bf16 b24x2 compile" (default: all)')
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -644,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         plan = Plan(dry_run=args.dry_run, cuda=cuda and not args.dry_run, work=work,
-                    deadline=started + args.budget_s)
+                    deadline=started + args.budget_s, throughput=args.throughput)
         prepared = prepare_data(plan)
         checks: list[Check] = []
         if prepared.code != 0:
