@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -190,6 +192,12 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
 
 def eot_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(EOT)
+
+
+def bits_per_byte(nll: Any, n_bytes: Any) -> Any:
+    """Bits per UTF-8 byte from a total NLL in nats over text of ``n_bytes`` bytes (floats or tensors): comparable
+    across tokenizers and vocabulary sizes, unlike a loss per token."""
+    return nll / (math.log(2) * n_bytes)
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:

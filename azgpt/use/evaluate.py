@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from azgpt.artifact import load_model
 from azgpt.data.corpus import iter_documents, resolve_corpus_files
 from azgpt.data.prepare import DocumentEncoder
+from azgpt.data.tokenizer import bits_per_byte
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.use.generate import parse_device, utf8_stdout
@@ -68,7 +69,7 @@ class Score:
 
     @property
     def bits_per_byte(self) -> float:
-        return self.nll / (math.log(2) * self.bytes) if self.bytes else math.nan
+        return bits_per_byte(self.nll, self.bytes) if self.bytes else math.nan
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
