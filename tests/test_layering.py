@@ -12,14 +12,15 @@ ALLOWED = {
     "errors": set(),
     "atomic": {"errors"},  # safe writes of files and folders, used by every stage that writes
     "runtime": set(),
+    "argv": set(),  # list options spelled one way in every verb
     "model": set(),
     "data": {"errors", "atomic"},
     "checkpoint": {"errors", "model", "data"},
     "artifact": {"errors", "atomic", "model", "data", "checkpoint"},  # the model folder, and load_model for both
     "sampling": {"errors", "model", "data", "checkpoint", "artifact"},
-    "train": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling"},
+    "train": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling", "argv"},
     "use": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling"},
-    "cli": {"errors", "runtime", "train"},  # the other verbs are imported by name from cli.VERBS when run
+    "cli": {"errors", "runtime", "train", "argv"},  # the other verbs are imported by name from cli.VERBS when run
 }
 
 

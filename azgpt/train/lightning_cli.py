@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from azgpt.argv import list_flags, list_parameters
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
@@ -148,7 +149,9 @@ def run_lightning_cli(argv: list[str], cli_class: type[AzGPTCLI] = AzGPTCLI, mod
     # Mixed precision keeps fp32 weights, so the summary's fallback to 32 bits gives the right size anyway.
     warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
+    lists = list_parameters(model_class, "--model.") | list_parameters(datamodule_class, "--data.")
+    argv = list_flags(resolve_config_arguments(argv), {name.removeprefix("--") for name in lists})
+    sys.argv = [saved_argv[0] if saved_argv else "azgpt", *argv]
     try:
         return cli_class(model_class, datamodule_class, seed_everything_default=1337,
                          save_config_kwargs={"overwrite": True})
