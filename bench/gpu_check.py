@@ -266,9 +266,11 @@ def child_env(spec: dict[str, Any]) -> dict[str, Any]:
 def part_quickstart(plan: Plan, check: Check) -> None:
     steps = 4 if plan.dry_run else 150
     val_every = 2 if plan.dry_run else 25
+    # On a CPU the two differ only in what azgpt's CPU choice makes of 16-mixed: the dry run checks one.
+    precisions = ("16-mixed",) if plan.dry_run else ("16-mixed", "bf16-mixed")
     jobs = {precision: fit_command(plan, plan.work / f"qs-{precision}", "--trainer.precision", precision,
                                    steps=steps, val_every=val_every)
-            for precision in ("16-mixed", "bf16-mixed")}
+            for precision in precisions}
     for precision, ran in run_side_by_side(plan, jobs).items():
         check.figures[precision] = check_fit_run(check, ran, plan.work / f"qs-{precision}", steps, precision)
     if not plan.cuda:
@@ -412,7 +414,8 @@ def part_use(plan: Plan, check: Check) -> None:
     folder = ckpt.parents[1] / "model"  # the model folder the same run wrote: same text as from the .ckpt
     jobs["generate/folder"] = (azgpt("generate", "--ckpt", str(folder), "--prompt", "Azərbaycan", "--max_new_tokens",
                                      "24", "--temperature", "0", "--device", devices[0]), None)
-    jobs["export/hf"] = (azgpt("export", "--ckpt", str(ckpt), "--out", str(plan.work / "export-hf")), None)
+    if not plan.dry_run:  # the HF export has its own tests; the dry run keeps CI's time for what only it checks
+        jobs["export/hf"] = (azgpt("export", "--ckpt", str(ckpt), "--out", str(plan.work / "export-hf")), None)
     jobs["export/gguf"] = (azgpt("export", "--ckpt", str(ckpt), "--format", "gguf",
                                  "--out", str(plan.work / "export.gguf")), None)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers(plan)) as pool:
