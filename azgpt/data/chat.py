@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
-from azgpt.data.tokenizer import EOT
+from azgpt.data.tokenizer import EOT, encode_text
 from azgpt.errors import AzGPTError
 
 TEMPLATE_FORMAT = "azgpt-chat-1"
@@ -87,11 +87,12 @@ class ChatTemplate:
         """Token ids of a conversation and, per id, whether it is response (an assistant's text or its end).
 
         ``add_generation_prompt`` appends ``<|assistant|>`` (not a response token) for the model to answer.
+        A message's text is encoded as text (``encode_text``): template tokens typed in it stay characters.
         """
         ids_of = self.token_ids(tokenizer)
         ids, response = [ids_of["eot"]], [False]
         for message in messages:
-            text = tokenizer.encode(message.content, add_special_tokens=False).ids
+            text = encode_text(tokenizer, message.content)
             is_reply = message.role == "assistant"
             ids += [ids_of[message.role], *text, ids_of["end"]]
             response += [False, *([is_reply] * len(text)), is_reply]

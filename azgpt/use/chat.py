@@ -24,6 +24,7 @@ import torch
 
 from azgpt.checkpoint import load_checkpoint
 from azgpt.data.chat import ChatTemplate, Message
+from azgpt.data.tokenizer import encode_text
 from azgpt.errors import AzGPTError
 from azgpt.sampling import Generator, Sampling, crop_note
 from azgpt.use.generate import parse_device, utf8_stdout
@@ -81,7 +82,7 @@ class ChatSession:
         if self.template is not None:
             return self.template.encode(self.generator.tokenizer, messages, add_generation_prompt=True)[0]
         text = "\n".join(message.content for message in messages)
-        return self.generator.tokenizer.encode(text, add_special_tokens=False).ids
+        return encode_text(self.generator.tokenizer, text)
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """Ids of the conversation plus ``user_text``, dropping the oldest turns while it is too long; a

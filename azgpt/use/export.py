@@ -166,8 +166,28 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         "A small model trained from scratch on a limited corpus: it imitates the style of its training text, "
         "knows little beyond it, and shares its biases.",
         "",
+        *(_template_lines() if checkpoint.chat_template else []),
     ]
     return "\n".join(lines)
+
+
+# What a runtime does with template tokens typed inside a message (azgpt itself encodes them as plain text).
+TEMPLATE_TEXT_WARNING = (
+    "a message whose text spells a template token (`<|user|>`, `<|assistant|>`, `<|system|>`, `<|end|>`, "
+    "`<|endoftext|>`) is rendered into the prompt string and tokenised with special tokens parsed, so that text "
+    "becomes a real turn boundary: anyone who types it can forge system or assistant turns. Remove or escape such "
+    "text in untrusted messages before rendering (azgpt chat and finetune encode message text as plain text).")
+
+
+def _template_lines() -> list[str]:
+    """The model card's chat section: how the template renders and what untrusted text can do to it."""
+    return [
+        "## Chat template",
+        "",
+        "Fine-tuned with azgpt's chat template: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` "
+        "gives the ids it was trained on. In transformers (as in llama.cpp and Ollama) " + TEMPLATE_TEXT_WARNING,
+        "",
+    ]
 
 
 def _count(n: int, noun: str) -> str:
