@@ -166,16 +166,34 @@ def iter_conversations(path: str | Path) -> Iterator[list[Message]]:
     if not path.is_file():
         raise AzGPTError(f"instruction file {path} does not exist: pass a .jsonl of {{\"prompt\", \"response\"}} "
                          f"or {{\"messages\"}} lines")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise AzGPTError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line): save the file as "
+                                 f"UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise AzGPTError(f"{where}: not valid JSON ({exc.msg})") from None
-            yield parse_conversation(record, where)
+            conversation = parse_conversation(record, where)
+            _check_text(conversation, where)
+            yield conversation
+
+
+def _check_text(conversation: list[Message], where: str) -> None:
+    """Refuse text JSON can carry but no tokenizer can read: an escaped lone surrogate such as ``"\\ud800"``."""
+    for number, message in enumerate(conversation, 1):
+        try:
+            message.content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise AzGPTError(f"{where}: message {number}'s text holds a lone surrogate "
+                             f"({message.content[exc.start]!r}), which is not a character: remove that \\u escape"
+                             ) from None
 
 
 def read_conversations(paths: Iterable[str | Path]) -> list[list[Message]]:

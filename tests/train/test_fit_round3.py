@@ -23,3 +23,20 @@ def test_a_fit_without_callbacks_still_leaves_last_ckpt(prepared_dir: Path, tmp_
     assert code == 0, err
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "Salam", "response": "Salam!"}\n{"prompt": "Sal\xffam", "response": "x"}\n',
+     ":2: not valid UTF-8 (byte 16 of the line)"),
+    (b'{"prompt": "Salam", "response": "Salam!"}\n{"prompt": "\\ud800", "response": "x"}\n',
+     ":2: message 1's text holds a lone surrogate ('\\ud800')"),
+])
+def test_finetune_data_that_is_not_text_is_one_line(tmp_path: Path, tiny_run, capsys, content: bytes,
+                                                    message: str) -> None:
+    from test_finetune import finetune_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    config = finetune_config(tmp_path / "run", tiny_run.ckpt, files=[str(bad)])
+    code, err = run(["finetune", "--config", str(config)], capsys)
+    assert code == 2 and err.startswith(f"azgpt: error: {bad}{message}") and err.count("\n") == 1, err
