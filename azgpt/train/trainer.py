@@ -4,7 +4,8 @@
 caller did not bring its own: atomic checkpoint writes (``AtomicCheckpointIO``), a graceful stop on SIGTERM /
 SIGINT (``GracefulStop``), ``last.ckpt`` saved at the final step (``SaveLastAtEnd``, and a
 ``ModelCheckpoint`` keeping it when the callbacks have none), the data budget stated
-when fit starts (``DataBudgetCheck``), a progress bar that counts optimizer steps under accumulation, and on a
+when fit starts (``DataBudgetCheck``), no empty run folder
+after a failed start (``NoEmptyRunFolder``), a progress bar that counts optimizer steps under accumulation, and on a
 CPU the faster of bf16-mixed and 32-true for a ``16-mixed`` request.
 """
 
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from azgpt.train.budget import DataBudgetCheck
 from azgpt.train.callbacks import StepProgressBar
 from azgpt.train.checkpointing import AtomicCheckpointIO, SaveLastAtEnd
+from azgpt.train.loggers import NoEmptyRunFolder
 from azgpt.train.precision import resolve_cpu_precision
 from azgpt.train.signals import GracefulStop
 
@@ -71,6 +73,7 @@ def with_azgpt_defaults(settings: dict[str, Any]) -> dict[str, Any]:
         # null``): without a ModelCheckpoint Lightning's default one saves only at epoch ends, which never come.
         callbacks = _with_default(callbacks, ModelCheckpoint, _last_only)
     callbacks = _with_default(callbacks, DataBudgetCheck, DataBudgetCheck)
+    callbacks = _with_default(callbacks, NoEmptyRunFolder, NoEmptyRunFolder)
     if settings.get("enable_progress_bar") is not False:
         callbacks = _with_default(callbacks, ProgressBar, StepProgressBar)
     settings["callbacks"] = callbacks
