@@ -123,7 +123,8 @@ class AzGPTCLI(LightningCLI):
         """The Trainer ``build_trainer`` would make: azgpt's plugins and callbacks unless the config has its own."""
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
         defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks", "logger",
-                                                                          "enable_progress_bar")})
+                                                                          "enable_progress_bar",
+                                                                          "enable_checkpointing")})
         kwargs.setdefault("plugins", defaults["plugins"])
         callbacks = defaults["callbacks"]
         patience = self.config[self.subcommand].get("early_stopping") if self.subcommand else None

@@ -7,6 +7,7 @@ interface has scalars only, so text goes to each backend its own way here.
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,29 @@ def run_dir(trainer: L.Trainer) -> Path | None:
     save_dir = logger.save_dir or trainer.default_root_dir
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(save_dir) / str(logger.name) / version
+
+
+class NoEmptyRunFolder(L.Callback):
+    """A run that fails before anything is logged (bad data, a bad option found at setup) leaves no empty
+    ``version_N`` folder behind: the logger creates it at setup, before the data is read."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        folder = run_dir(trainer) if trainer.is_global_zero else None
+        if folder is not None and folder.is_dir() and not folder.is_symlink() and _holds_nothing(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# TensorBoard starts each events file with one record naming its format (88 bytes); anything logged adds more.
+_EMPTY_EVENTS_BYTES = 128
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """Whether ``folder`` holds at most TensorBoard events files that have no record yet."""
+    for path in folder.iterdir():
+        if not (path.name.startswith("events.out.tfevents.") and path.is_file() and not path.is_symlink()
+                and path.stat().st_size <= _EMPTY_EVENTS_BYTES):
+            return False
+    return True
 
 
 def log_text(trainer: L.Trainer, tag: str, text: str) -> None:

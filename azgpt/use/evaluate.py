@@ -99,6 +99,11 @@ class Evaluation:
         return {"checkpoint": self.checkpoint, "block_size": self.block_size, "stride": self.stride,
                 "files": [score.as_dict() for score in self.files], "overall": self.overall.as_dict()}
 
+    def to_json(self) -> str:
+        """``as_dict`` as strict JSON: a non-finite number (a perplexity above e^709, the loss of no tokens)
+        becomes ``null``, since ``Infinity`` and ``NaN`` are not JSON."""
+        return json_lib.dumps(_finite_or_null(self.as_dict()), indent=2, ensure_ascii=False, allow_nan=False)
+
     @staticmethod
     def _row(score: Score, width: int) -> str:
         return (f"{score.name:<{width}}  {score.documents:>9,}  {score.tokens:>12,}  {score.bytes:>13,}  "
@@ -114,6 +119,16 @@ class Evaluation:
         windows = "non-overlapping blocks" if self.stride == self.block_size else f"stride {self.stride}"
         lines += ["", f"{self.checkpoint}: block size {self.block_size}, {windows}", BPB_NOTE]
         return "\n".join(lines)
+
+
+def _finite_or_null(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def iter_windows(chunks: Iterable[np.ndarray], block_size: int, stride: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -251,6 +266,6 @@ def evaluate_command(ckpt: Path, corpus: list[str], stride: int | None = None, b
     result = evaluate(ckpt, corpus, stride=stride, batch_size=batch_size, device=parse_device(device),
                       max_docs=max_docs, text_field=text_field, errors=errors)
     out = utf8_stdout()
-    out.write((json_lib.dumps(result.as_dict(), indent=2, ensure_ascii=False) if json else result.table()) + "\n")
+    out.write((result.to_json() if json else result.table()) + "\n")
     out.flush()
     return 0

@@ -25,7 +25,7 @@ from azgpt.artifact import export_model_folder, load_model
 from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
-from azgpt.data.chat import ChatTemplate
+from azgpt.data.chat import TEMPLATE_TEXT_WARNING, ChatTemplate
 from azgpt.use.adapters import gpt2_config, gpt2_state_dict, hf_architecture, llama_config, llama_state_dict
 from azgpt.data.tokenizer import EOT
 
@@ -104,8 +104,21 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         "A small model trained from scratch on a limited corpus: it imitates the style of its training text, "
         "knows little beyond it, and shares its biases.",
         "",
+        *(_template_lines() if checkpoint.chat_template else []),
     ]
     return "\n".join(lines)
+
+
+# What a runtime does with template tokens typed inside a message (azgpt itself encodes them as plain text).
+def _template_lines() -> list[str]:
+    """The model card's chat section: how the template renders and what untrusted text can do to it."""
+    return [
+        "## Chat template",
+        "",
+        "Fine-tuned with azgpt's chat template: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` "
+        "gives the ids it was trained on. In transformers (as in llama.cpp and Ollama) " + TEMPLATE_TEXT_WARNING,
+        "",
+    ]
 
 
 def _count(n: int, noun: str) -> str:

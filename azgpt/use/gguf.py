@@ -17,6 +17,7 @@ Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt genera
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -31,6 +32,7 @@ from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, NORM_EPS
+from azgpt.data.chat import TEMPLATE_TEXT_WARNING
 from azgpt.use.adapters import CONV1D_WEIGHTS, gpt2_state_dict, hf_architecture, llama_state_dict
 
 OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp runs for both
@@ -219,10 +221,12 @@ def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | N
     name = name.lower()  # Ollama's model names are lower case
     template = ollama_template(chat) if chat else "{{ .Prompt }}"
     stops = [EOT] + ([chat.end_token] if chat else [])
+    warning = textwrap.wrap(f"In Ollama and llama.cpp {TEMPLATE_TEXT_WARNING}", 110) if chat else []
     lines = [
         f"# Ollama model file written by azgpt {__version__}. In this folder:",
         f"#   ollama create {name} -f Modelfile",
         f'#   ollama run {name} "Azərbaycan"',
+        *[f"# {line}" for line in warning],
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         *[f'PARAMETER stop "{stop}"' for stop in stops],

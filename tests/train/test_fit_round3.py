@@ -1,0 +1,62 @@
+"""Issue 23 (third round of hostile cases) for fit and finetune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from azgpt.cli import main
+from conftest import tiny_fit_args
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def one_error(err: str) -> str:
+    """The one ``azgpt: error:`` line of ``err`` (Lightning's logging handlers of an earlier fit in this process
+    may add "Logging error" noise about pytest's closed capture streams)."""
+    errors = [line for line in err.splitlines() if line.startswith("azgpt: error: ")]
+    assert len(errors) == 1 and "Traceback (most recent call last)" not in err.split("--- Logging error ---")[0], err
+    return errors[0]
+
+
+def test_a_fit_without_callbacks_still_leaves_last_ckpt(prepared_dir: Path, tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=4) + ["--trainer.callbacks", "null"], capsys)
+    assert code == 0, err
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "Salam", "response": "Salam!"}\n{"prompt": "Sal\xffam", "response": "x"}\n',
+     ":2: not valid UTF-8 (byte 16 of the line)"),
+    (b'{"prompt": "Salam", "response": "Salam!"}\n{"prompt": "\\ud800", "response": "x"}\n',
+     ":2: message 1's text holds a lone surrogate ('\\ud800')"),
+])
+def test_finetune_data_that_is_not_text_is_one_line(tmp_path: Path, tiny_run, capsys, content: bytes,
+                                                    message: str) -> None:
+    from test_finetune import finetune_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    config = finetune_config(tmp_path / "run", tiny_run.ckpt, files=[str(bad)])
+    code, err = run(["finetune", "--config", str(config)], capsys)
+    assert code == 2 and one_error(err).startswith(f"azgpt: error: {bad}{message}")
+
+
+def test_a_failed_finetune_leaves_no_empty_run_folder(tmp_path: Path, tiny_run, capsys) -> None:
+    from test_finetune import finetune_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Salam"}\n', encoding="utf-8")
+    config = finetune_config(tmp_path / "run", tiny_run.ckpt, files=[str(bad)])
+    code, err = run(["finetune", "--config", str(config)], capsys)
+    assert code == 2, err
+    runs = tmp_path / "run" / "lightning_logs" / "finetune"
+    assert not runs.exists() or list(runs.iterdir()) == []
