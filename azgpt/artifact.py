@@ -5,7 +5,7 @@
       model.safetensors    the GPT's weights, nothing else (no optimizer, no pickle)
       tokenizer.json       the byte-level BPE tokenizer
       meta.json            provenance: azgpt version, source checkpoint and step, data summary, last validation
-                           metrics, the chat template of a fine-tuned model
+                           metrics, the recipe and optimizer it was trained with, the chat template of a fine-tune
 
 ``fit`` and ``finetune`` write it into the run folder when they end (``azgpt export --format azgpt`` from any
 ``.ckpt``); every use verb reads a model through ``load_model``, which takes this folder, a run folder holding one,
@@ -92,9 +92,11 @@ def write_model_folder(out: Path, config: GPTConfig, state_dict: dict[str, torch
 def checkpoint_meta(checkpoint: Checkpoint) -> dict[str, Any]:
     """meta.json's content for a model read from a ``.ckpt`` (what ``azgpt export --format azgpt`` writes)."""
     summary = checkpoint.summary
+    hparams = checkpoint.raw.get("hyper_parameters") or {}
     return {"source_checkpoint": str(checkpoint.path), "global_step": checkpoint.raw.get("global_step"),
             "data": summary.get("data"), "metrics": summary.get("metrics") or {},
-            "chat_template": summary.get("chat_template")}
+            "chat_template": summary.get("chat_template"),
+            "training": {key: hparams.get(key) for key in ("recipe", "optimizer")}}
 
 
 def export_model_folder(ckpt: Path, out: Path, overwrite: bool = False) -> Path:

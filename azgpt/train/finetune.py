@@ -12,13 +12,14 @@ import inspect
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.artifact import load_model
-from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint_file
+from azgpt.checkpoint import ARCHITECTURE_KEYS, Checkpoint, load_checkpoint_file
 from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
-from azgpt.train.module import AzGPT, CompileSetting, check_same_architecture
+from azgpt.train.module import OPTIMIZERS, AzGPT, CompileSetting, check_same_architecture
 
 EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tensor under both names when tied
 
@@ -38,6 +39,13 @@ def resize_token_embedding(weight: torch.Tensor, rows: int, known_tokens: int, n
     return resized
 
 
+def trained_with_optimizer(base: Checkpoint) -> str:
+    """The optimizer ``base`` was trained with: its checkpoint's hyperparameters or its model folder's meta.json."""
+    recorded = (base.raw.get("hyper_parameters") or {}).get("optimizer")
+    recorded = recorded or ((base.raw.get("meta") or {}).get("training") or {}).get("optimizer")
+    return recorded if recorded in OPTIMIZERS else "adamw"
+
+
 class AzGPTFinetune(AzGPT):
     """AzGPT started from a pretrained checkpoint, its vocabulary grown by the chat template's tokens.
 
@@ -46,8 +54,11 @@ class AzGPTFinetune(AzGPT):
         vocab_size, block_size, n_layer, n_head, n_embd, bias, activation: the architecture, taken from
             ``init_from`` (leave them unset; a value that differs from the checkpoint's is refused).
         dropout: dropout while fine-tuning (None: the checkpoint's).
-        learning_rate, min_lr_ratio, warmup_steps, decay_steps, weight_decay, beta1, beta2, eps, compile: as
-            for ``fit`` (see AzGPT); a new optimizer and schedule start at step 0.
+        optimizer: adamw or muon (None: the one the base model was trained with, so a modern-recipe model keeps
+            Muon for its block matrices; adamw where the base does not say).
+        muon_lr, muon_momentum, muon_warmup_steps, learning_rate, min_lr_ratio, warmup_steps, decay_steps,
+            weight_decay, beta1, beta2, eps, compile: as for ``fit`` (see AzGPT); a new optimizer and schedule
+            start at step 0.
     """
 
     def __init__(
@@ -61,6 +72,10 @@ class AzGPTFinetune(AzGPT):
         dropout: float | None = None,
         bias: bool | None = None,
         activation: str | None = None,
+        optimizer: str | None = None,
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_warmup_steps: int = 0,
         learning_rate: float = 3e-4,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 10,
@@ -80,7 +95,13 @@ class AzGPTFinetune(AzGPT):
         configured = {"vocab_size": vocab_size, "block_size": block_size, "n_layer": n_layer, "n_head": n_head,
                       "n_embd": n_embd, "bias": bias, "activation": activation}
         check_same_architecture(architecture, {k: v for k, v in configured.items() if v is not None})
-        settings = dict(dropout=base.config.dropout if dropout is None else dropout, learning_rate=learning_rate,
+        if optimizer is None:
+            optimizer = trained_with_optimizer(base)
+            rank_zero_info(f"azgpt finetune: optimizer {optimizer}, as the base model was trained "
+                           f"(model.optimizer changes it)")
+        settings = dict(dropout=base.config.dropout if dropout is None else dropout, optimizer=optimizer,
+                        muon_lr=muon_lr, muon_momentum=muon_momentum, muon_warmup_steps=muon_warmup_steps,
+                        learning_rate=learning_rate,
                         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, decay_steps=decay_steps,
                         weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, compile=compile)
         super().__init__(**architecture, **settings)
