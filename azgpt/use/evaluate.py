@@ -33,13 +33,13 @@ import torch.nn.functional as F
 
 from azgpt.artifact import load_model
 from azgpt.data.corpus import iter_documents, resolve_corpus_files
+from azgpt.data.datamodule import PAD_TARGET  # special tokens and tokens an earlier window scored count nothing
 from azgpt.data.prepare import DocumentEncoder
 from azgpt.data.tokenizer import bits_per_byte
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.use.generate import parse_device, utf8_stdout
 
-IGNORED = -1  # target id GPT's loss skips: padding, special tokens, and tokens an earlier window scored
 _ENCODE_BATCH_CHARS = 1 << 20  # text encoded per tokenizers call: parallel, yet little held at once
 BPB_NOTE = ("bits/byte = total NLL / (ln 2 x UTF-8 bytes) compares models with different tokenizers; "
             "loss and perplexity are per token of this checkpoint's tokenizer")
@@ -135,7 +135,7 @@ def iter_windows(chunks: Iterable[np.ndarray], block_size: int, stride: int) -> 
     """(inputs, targets) windows over the token stream ``chunks`` joined, streamed.
 
     Windows start at 0, stride, 2 x stride, ... and hold ``block_size`` inputs and the next tokens as targets;
-    targets an earlier window already scored are ``IGNORED``, so each token is scored once. Only the last
+    targets an earlier window already scored are ``PAD_TARGET``, so each token is scored once. Only the last
     window may be shorter than ``block_size``. ``stride == block_size`` gives non-overlapping blocks.
     """
     buffer = np.empty(0, dtype=np.int64)
@@ -153,7 +153,7 @@ def iter_windows(chunks: Iterable[np.ndarray], block_size: int, stride: int) -> 
 
 def _window(tokens: np.ndarray, start: int, scored: int) -> tuple[np.ndarray, np.ndarray]:
     targets = tokens[1:].copy()
-    targets[: max(0, scored - start)] = IGNORED
+    targets[: max(0, scored - start)] = PAD_TARGET
     return tokens[:-1], targets
 
 
@@ -207,16 +207,16 @@ class Scorer:
     @torch.inference_mode()
     def _score_batch(self, windows: list[tuple[np.ndarray, np.ndarray]], result: Score) -> None:
         inputs = np.zeros((len(windows), max(len(w[0]) for w in windows)), dtype=np.int64)
-        targets = np.full_like(inputs, IGNORED)
+        targets = np.full_like(inputs, PAD_TARGET)
         for row, (window_inputs, window_targets) in enumerate(windows):
             inputs[row, : len(window_inputs)] = window_inputs  # padding sits after the window: causal, so unseen
             targets[row, : len(window_targets)] = window_targets
-        targets[np.isin(targets, self.special_ids)] = IGNORED
+        targets[np.isin(targets, self.special_ids)] = PAD_TARGET
         logits, _ = self.model(torch.from_numpy(inputs).to(self.device))
         flat = torch.from_numpy(targets).to(self.device).view(-1)
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), flat, ignore_index=IGNORED, reduction="sum")
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), flat, ignore_index=PAD_TARGET, reduction="sum")
         result.nll += float(nll.double())
-        result.tokens += int((flat != IGNORED).sum())
+        result.tokens += int((flat != PAD_TARGET).sum())
 
 
 def evaluate(checkpoint: str | Path, corpus: str | Path | Sequence[str | Path], *, stride: int | None = None,
