@@ -184,8 +184,17 @@ def _iter_path(path: Path, text_field: str, errors: str, stats: CorpusStats) -> 
             yield from _iter_text(file, errors, stats)
 
 
+GZIP_MIN_BYTES = 18  # a 10-byte header and an 8-byte trailer: any shorter ".gz" is not a gzip file
+
+
 def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    if not path.name.lower().endswith(".gz"):
+        return open(path, "rb")
+    size = path.stat().st_size
+    if size < GZIP_MIN_BYTES:  # Python's gzip reads such a file as empty text; zcat refuses it
+        raise AzGPTError(f"{path}: not a gzip file ({size} bytes; gzip needs at least {GZIP_MIN_BYTES}): "
+                         f"re-compress it, or remove it from the corpus")
+    return gzip.open(path, "rb")
 
 
 def _decoded_lines(path: Path, errors: str, stats: CorpusStats) -> Iterator[tuple[int, str, bool]]:

@@ -1,0 +1,33 @@
+"""Issue 23 (third round of hostile cases) for prepare and the corpus reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from azgpt.cli import main
+
+DOCS = [f"Sənəd {i}: Bakıda payız günləri {i * 7} dərəcə isti olur, küləklər əsir." for i in range(40)]
+
+
+def refused(capsys, verb: str, *args: object) -> str:
+    code = main([verb, *map(str, args)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("azgpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_a_zero_byte_gz_in_a_corpus_is_one_line_naming_it(tmp_path: Path, capsys, as_folder: bool) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    empty = corpus / "b.txt.gz"
+    empty.write_bytes(b"")
+    sources = [corpus] if as_folder else [corpus / "a.txt", empty]
+    out = tmp_path / "out"
+    err = refused(capsys, "prepare", "--corpus", *sources, "--out", out, "--vocab_size", 300, "--block_size", 8)
+    assert f"{empty}: not a gzip file (0 bytes" in err
+    assert not out.exists() or list(out.iterdir()) == []
