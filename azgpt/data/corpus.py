@@ -192,7 +192,7 @@ def _open_binary(path: Path) -> BinaryIO:
         return open(path, "rb")
     size = path.stat().st_size
     if size < GZIP_MIN_BYTES:  # Python's gzip reads such a file as empty text; zcat refuses it
-        raise AzGPTError(f"{path}: not a gzip file ({size} bytes; gzip needs at least {GZIP_MIN_BYTES}): "
+        raise AzGPTError(f"{path}: not a readable gzip file ({size} bytes, shorter than any gzip file): "
                          f"re-compress it, or remove it from the corpus")
     return gzip.open(path, "rb")
 

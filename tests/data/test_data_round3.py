@@ -29,5 +29,5 @@ def test_a_zero_byte_gz_in_a_corpus_is_one_line_naming_it(tmp_path: Path, capsys
     sources = [corpus] if as_folder else [corpus / "a.txt", empty]
     out = tmp_path / "out"
     err = refused(capsys, "prepare", "--corpus", *sources, "--out", out, "--vocab_size", 300, "--block_size", 8)
-    assert f"{empty}: not a gzip file (0 bytes" in err
+    assert f"{empty}: not a readable gzip file (0 bytes" in err
     assert not out.exists() or list(out.iterdir()) == []
