@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -253,8 +254,14 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EPERM: "permission denied", errno.EFBIG: "the file grew too large for the filesystem"}
 
 
+# numpy's ``tofile`` (which the gguf writer uses) reports a short write this way, with no errno: the disk filled up.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
 def write_error(exc: OSError, where: Path | str, option: str, remedy: str = "") -> AzGPTError | None:
     """A clear ``AzGPTError`` for an OSError met while writing into ``where``, or None for other errors."""
+    if exc.errno is None and _SHORT_WRITE.match(str(exc)):
+        exc = OSError(errno.ENOSPC, str(exc))
     reason = WRITE_ERRNOS.get(exc.errno)
     if reason is None:
         return None

@@ -15,6 +15,7 @@ import torch
 
 from azgpt.cli import main
 from azgpt.use.export import EXPORTED_FILES
+from mount_helpers import tmpfs
 
 
 def strict_json(text: str) -> object:
@@ -115,3 +116,14 @@ def test_export_sweeps_the_partial_folder_of_a_dead_process(tiny_run, tmp_path: 
     alive.mkdir()
     assert main(["export", "--ckpt", str(tiny_run.ckpt), "--out", str(tmp_path / "hf")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", alive.name])
+
+
+def test_gguf_export_onto_a_full_disk_is_one_line(tiny_run, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("gguf")
+    with tmpfs(tmp_path / "small", size="64k") as small:
+        code = main(["export", "--ckpt", str(tiny_run.ckpt), "--format", "gguf", "--outtype", "f32",
+                     "--out", str(small / "g")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"azgpt: error: cannot write --out {small / 'g'}: the disk is full")
+        assert list(small.iterdir()) == []
