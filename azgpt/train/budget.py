@@ -74,8 +74,9 @@ class DataBudgetCheck(L.Callback):
     """
 
     def __init__(self, warn_above_epochs: float = 10.0) -> None:
-        if warn_above_epochs <= 0:
-            raise AzGPTError(f"DataBudgetCheck warn_above_epochs must be positive, got {warn_above_epochs}")
+        if not warn_above_epochs > 0:  # also refuses NaN, which every comparison lets through
+            raise AzGPTError(f"DataBudgetCheck warn_above_epochs must be a positive number of epochs, got "
+                             f"{warn_above_epochs}")
         self.warn_above_epochs = warn_above_epochs
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -112,6 +112,9 @@ class AzGPTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ModuleNotFoundError, ValueError) as exc:  # e.g. a logger whose package is missing
+            own = _azgpt_cause(exc)  # a callback's own check, wrapped by jsonargparse in a ValueError
+            if own is not None:
+                raise own from None
             missing = exc
             while missing is not None and not isinstance(missing, ModuleNotFoundError):
                 missing = missing.__cause__ or missing.__context__  # jsonargparse wraps it in a ValueError
@@ -141,6 +144,17 @@ class AzGPTCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test; not predict, which has nothing to predict on (no predict data)."""
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
+
+def _azgpt_cause(exc: BaseException) -> AzGPTError | None:
+    """The first ``AzGPTError`` in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, AzGPTError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run_lightning_cli(argv: list[str], cli_class: type[AzGPTCLI] = AzGPTCLI, model_class: type = AzGPT,

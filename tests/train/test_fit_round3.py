@@ -60,3 +60,18 @@ def test_a_failed_finetune_leaves_no_empty_run_folder(tmp_path: Path, tiny_run, 
     assert code == 2, err
     runs = tmp_path / "run" / "lightning_logs" / "finetune"
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+@pytest.mark.parametrize("callback, init_args, message", [
+    ("azgpt.train.budget.DataBudgetCheck", "{warn_above_epochs: 0}", "warn_above_epochs must be a positive"),
+    ("azgpt.train.budget.DataBudgetCheck", "{warn_above_epochs: .nan}", "warn_above_epochs must be a positive"),
+    ("azgpt.train.callbacks.TextSamples", "{temperature: -1}", "temperature must be a finite number >= 0"),
+])
+def test_a_callback_refusing_its_value_is_one_line(prepared_dir: Path, tmp_path: Path, monkeypatch, capsys,
+                                                   callback: str, init_args: str, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    extra = tmp_path / "callback.yaml"
+    extra.write_text(f"trainer:\n  callbacks:\n    - class_path: {callback}\n      init_args: {init_args}\n")
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=2) + ["--config", str(extra)], capsys)
+    assert code == 2 and message in one_error(err)
+    assert not (tmp_path / "lightning_logs").exists() or not any((tmp_path / "lightning_logs").rglob("*.ckpt"))
