@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -97,6 +99,7 @@ class AzGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        check_gpu_present(trainer.accelerator, config.get("config") or [])
         trainer.precision = choose_precision(trainer.accelerator, trainer.precision)
         every = config.get("val_every_n_steps")
         if every is not None:
@@ -144,6 +147,28 @@ class AzGPTCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test; not predict, which has nothing to predict on (no predict data)."""
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
+
+def check_gpu_present(accelerator: object, config_files: list) -> None:
+    """Refuse, in one line naming the config that asks, a GPU accelerator on a machine with none (Lightning
+    would stop with a traceback: "No supported gpu backend found!")."""
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if accelerator == "gpu" and torch.backends.mps.is_available():
+        return
+    asking = [str(path) for path in config_files if _sets_accelerator(path)]
+    source = f" (set by {asking[-1]})" if asking else ""
+    raise AzGPTError(f"trainer.accelerator is {accelerator}{source} but torch finds no GPU on this machine: run "
+                     f"without that config, or to try DDP on CPUs add --trainer.accelerator cpu --trainer.devices 2")
+
+
+def _sets_accelerator(path: object) -> bool:
+    try:
+        content = yaml.safe_load(Path(str(path)).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    trainer = content.get("trainer") if isinstance(content, dict) else None
+    return isinstance(trainer, dict) and trainer.get("accelerator") in ("gpu", "cuda")
 
 
 def _azgpt_cause(exc: BaseException) -> AzGPTError | None:

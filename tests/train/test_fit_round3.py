@@ -75,3 +75,13 @@ def test_a_callback_refusing_its_value_is_one_line(prepared_dir: Path, tmp_path:
     code, err = run(tiny_fit_args(prepared_dir, max_steps=2) + ["--config", str(extra)], capsys)
     assert code == 2 and message in one_error(err)
     assert not (tmp_path / "lightning_logs").exists() or not any((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+def test_ddp_config_without_a_gpu_is_one_line_naming_it(prepared_dir: Path, tmp_path: Path, monkeypatch,
+                                                        capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=2) + ["--config", "ddp.yaml"], capsys)
+    line = one_error(err)
+    assert code == 2 and "trainer.accelerator is gpu (set by " in line and "ddp.yaml)" in line
+    assert "--trainer.accelerator cpu --trainer.devices 2" in line
