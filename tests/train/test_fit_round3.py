@@ -85,3 +85,37 @@ def test_ddp_config_without_a_gpu_is_one_line_naming_it(prepared_dir: Path, tmp_
     line = one_error(err)
     assert code == 2 and "trainer.accelerator is gpu (set by " in line and "ddp.yaml)" in line
     assert "--trainer.accelerator cpu --trainer.devices 2" in line
+
+
+def test_finetune_budget_counts_conversations_drawn_and_gives_finetune_advice(tiny_run) -> None:
+    import lightning as L
+
+    from azgpt.data.instructions import InstructionDataModule
+    from azgpt.sampling import Generator
+    from azgpt.train.budget import budget_of
+    from azgpt.train.module import AzGPT
+
+    tokenizer = Generator.from_checkpoint(tiny_run.ckpt, device="cpu").tokenizer
+    data = InstructionDataModule(tokenizer_json=tokenizer.to_str(), block_size=96, batch_size=4)
+    data.setup()
+    conversations = len(data._train)
+    model = AzGPT(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32)
+    budget = budget_of(L.Trainer(max_steps=960, logger=False, accumulate_grad_batches=1), model, data)
+    assert budget.epochs == pytest.approx(960 * 4 / conversations)  # conversations drawn / conversations held
+    assert budget.consumed_tokens == round(budget.epochs * data.meta["splits"]["train"]["tokens"])
+    message = budget.warning(10)
+    assert f"draws its {conversations:,} training conversations" in message
+    assert "--max_bytes" not in message and "fineweb2-az" not in message and "data.files" in message
+    assert f"max_steps to about {int(10 * conversations / 4):,}" in message
+
+
+def test_a_resumed_run_budgets_only_the_steps_it_has_left() -> None:
+    from azgpt.train.budget import DataBudget
+
+    budget = DataBudget(train_tokens=10_000, max_steps=1_000, effective_batch=4, block_size=32, parameters=1_000,
+                        start_step=900)
+    assert budget.steps == 100 and budget.consumed_tokens == 100 * 4 * 32
+    assert "100 steps (from step 900 to 1,000)" in budget.lines()[1]
+    message = budget.warning(1)
+    assert "1.3 times over (more than 1 epoch)" in message  # not "1 times over (more than 1 epochs)"
+    assert "max_steps to about 978" in message  # above the current step: 900 + 10,000 / 128
