@@ -107,6 +107,9 @@ def limit_documents(documents: Iterable[str], max_docs: int | None = None,
             return
         if max_bytes is not None:
             size += len(document.encode("utf-8"))
+            if size > max_bytes and taken == 0:
+                raise AzGPTError(f"the corpus's first document alone is {size:,} bytes, more than --max_bytes "
+                                 f"{max_bytes:,}, and a slice takes whole documents only: raise --max_bytes")
             if size > max_bytes:
                 return
         taken += 1

@@ -31,3 +31,22 @@ def test_a_zero_byte_gz_in_a_corpus_is_one_line_naming_it(tmp_path: Path, capsys
     err = refused(capsys, "prepare", "--corpus", *sources, "--out", out, "--vocab_size", 300, "--block_size", 8)
     assert f"{empty}: not a readable gzip file (0 bytes" in err
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_slice_smaller_than_the_first_document_says_so(tmp_path: Path, capsys) -> None:
+    err = refused(capsys, "prepare", "--max_bytes", 10, "--out", tmp_path / "out", "--vocab_size", 300)
+    assert "first document alone is" in err and "more than --max_bytes 10" in err and "has no text" not in err
+
+
+def test_hf_naming_a_file_says_to_pass_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("small.txt").write_text("Salam.\n", encoding="utf-8")
+    err = refused(capsys, "prepare", "--corpus", "hf:small.txt", "--out", "out", "--vocab_size", 300)
+    assert "small.txt is a file" in err and "--corpus small.txt" in err and "Hub" in err
+    assert "cannot reach" not in err
+
+
+def test_hf_query_key_given_twice_is_refused(tmp_path: Path, capsys) -> None:
+    err = refused(capsys, "prepare", "--corpus", "hf:some/dataset?split=train&split=test", "--out", tmp_path / "o",
+                  "--vocab_size", 300)
+    assert "split= is given more than once (train, test)" in err

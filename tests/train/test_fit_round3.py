@@ -119,3 +119,34 @@ def test_a_resumed_run_budgets_only_the_steps_it_has_left() -> None:
     message = budget.warning(1)
     assert "1.3 times over (more than 1 epoch)" in message  # not "1 times over (more than 1 epochs)"
     assert "max_steps to about 978" in message  # above the current step: 900 + 10,000 / 128
+
+
+def test_finetune_data_files_naming_a_folder_says_it_is_a_folder(tmp_path: Path, tiny_run, capsys) -> None:
+    from test_finetune import finetune_config
+
+    folder = tmp_path / "conversations"
+    folder.mkdir()
+    config = finetune_config(tmp_path / "run", tiny_run.ckpt, files=[str(folder)])
+    code, err = run(["finetune", "--config", str(config)], capsys)
+    line = one_error(err)
+    assert code == 2 and f"instruction file {folder} is a folder" in line and "does not exist" not in line
+
+
+def test_finetune_resuming_from_a_base_checkpoint_says_what_it_is(tmp_path: Path, tiny_run, capsys) -> None:
+    from test_finetune import finetune_config
+
+    config = finetune_config(tmp_path / "run", tiny_run.ckpt)
+    code, err = run(["finetune", "--config", str(config), "--ckpt_path", str(tiny_run.ckpt)], capsys)
+    line = one_error(err)
+    assert code == 2 and "is not a fine-tune's checkpoint" in line and "--model.init_from" in line
+    assert "vocab_size" not in line
+
+
+def test_ckpt_path_best_without_a_checkpoint_names_best(prepared_dir: Path, tmp_path: Path, monkeypatch,
+                                                        capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = tiny_fit_args(prepared_dir)
+    args[0] = "validate"
+    code, err = run(args + ["--ckpt_path", "best", "--trainer.logger", "false"], capsys)
+    line = one_error(err)
+    assert code == 2 and line.startswith("azgpt: error: --ckpt_path best: no checkpoint in checkpoints")
