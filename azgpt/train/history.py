@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -134,6 +135,25 @@ def _find_wandb_file(run_dir: Path) -> Path | None:
     if not found and len(run_dir.parents) >= 2:
         found = sorted(run_dir.parents[1].glob(f"wandb/*-{run_dir.name}/run-{run_dir.name}.wandb"))
     return found[-1] if found else None
+
+
+def wait_for_wandb_file(run_dir: Path, timeout: float = 15.0, poll: float = 0.5) -> bool:
+    """Wait until the W&B run file of ``run_dir`` holds history records and stops growing; False at ``timeout``.
+
+    W&B's core writes the file in another process, which may still be flushing when ``finish()`` returns: a report
+    read at once sometimes found no logged values yet.
+    """
+    deadline = time.monotonic() + timeout
+    previous = -1
+    while True:
+        path = _find_wandb_file(run_dir)
+        size = path.stat().st_size if path is not None and path.is_file() else -1
+        if size >= 0 and size == previous and any(r.HasField("history") for r in wandb_records(path)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        previous = size
+        time.sleep(poll)
 
 
 # W&B writes its records in LevelDB's log format (32 KiB blocks of CRC-framed chunks) after a 7-byte header;

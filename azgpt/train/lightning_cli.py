@@ -11,11 +11,12 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
+from azgpt.train.loggers import run_dir
 from azgpt.train.module import AzGPT, check_same_architecture, with_recipe
 from azgpt.train.trainer import choose_precision, with_azgpt_defaults
 
@@ -50,6 +51,25 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
         else:
             resolved.append(arg)
     return resolved
+
+
+class RunFolderConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written into the run's own folder whatever the logger.
+
+    Lightning writes it to ``trainer.log_dir``, which under W&B is the ``save_dir`` every run shares (the current
+    folder), so each run overwrote the last's and ``azgpt report`` could not tell a run's data. Here it goes
+    beside the run's checkpoints and report (``azgpt.train.loggers.run_dir``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        # Rank zero only (Lightning calls it there): no trainer.log_dir, whose broadcast the other ranks would miss.
+        folder = run_dir(trainer) or Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
+                         multifile=self.multifile)
 
 
 class AzGPTCLI(LightningCLI):
@@ -194,6 +214,6 @@ def run_lightning_cli(argv: list[str], cli_class: type[AzGPTCLI] = AzGPTCLI, mod
     sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
     try:
         return cli_class(model_class, datamodule_class, seed_everything_default=1337,
-                         save_config_kwargs={"overwrite": True})
+                         save_config_callback=RunFolderConfig, save_config_kwargs={"overwrite": True})
     finally:
         sys.argv = saved_argv

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.atomic import atomic_file, write_error
 from azgpt.errors import AzGPTError
-from azgpt.train.history import RunHistory, finite, read_history
-from azgpt.train.loggers import flush, run_dir as trainer_run_dir
+from azgpt.train.history import RunHistory, finite, read_history, wait_for_wandb_file
+from azgpt.train.loggers import flush, is_wandb, run_dir as trainer_run_dir
 from azgpt.train.monitoring import Evaluation, OverfitAlarm
 
 SUMMARY_TAGS = ("val_loss", "val_ppl", "val_bpb", "train_eval_loss", "train_eval_ppl", "overfit_gap", "train_loss")
@@ -89,6 +89,9 @@ class RunReport(L.Callback):
         if not trainer.is_global_zero or folder is None:
             return
         flush(trainer)  # so the files hold the last steps
+        if any(is_wandb(logger) for logger in trainer.loggers) and not wait_for_wandb_file(folder):
+            rank_zero_info(f"azgpt: W&B's run file for {folder} is still being written; azgpt report {folder} "
+                           f"writes the report once it is")
         try:
             png, md = write_report(folder)
         except AzGPTError as exc:  # e.g. a logger azgpt cannot read back: the run itself is fine

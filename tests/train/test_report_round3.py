@@ -87,3 +87,43 @@ def test_a_wandb_file_cut_mid_record_is_read_up_to_its_last_record(tmp_path: Pat
     assert [p.step for p in read_history(run).curve("val_loss")] == [1, 2]
     code, err = report(capsys, run)
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_the_report_waits_for_a_wandb_file_still_being_written(tmp_path: Path) -> None:
+    """Issue 23 item 6: the end-of-fit report waits for W&B's writer instead of reading a file not yet written."""
+    pytest.importorskip("wandb")
+    import threading
+
+    from azgpt.train.history import wait_for_wandb_file
+
+    run = tmp_path / "offline-run-1"
+    run.mkdir()
+    whole = wandb_file(tmp_path / "whole.wandb", 3)
+    path = run / "run-abc.wandb"
+    path.write_bytes(whole[:7])  # the header only, as W&B's core leaves it before its first flush
+    writer = threading.Timer(1.0, lambda: path.write_bytes(whole))
+    writer.start()
+    try:
+        assert wait_for_wandb_file(run, timeout=30, poll=0.2)
+    finally:
+        writer.join()
+    assert [p.step for p in read_history(run).curve("val_loss")] == [1, 2, 3]
+    assert not wait_for_wandb_file(tmp_path / "nothing-here", timeout=0.3, poll=0.1)
+
+
+@pytest.mark.slow
+def test_under_wandb_each_run_keeps_its_own_config(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
+    """Issue 23 item 6: config.yaml goes beside the run's checkpoints and report, not into the shared save_dir."""
+    pytest.importorskip("wandb")
+    from conftest import tiny_fit_args
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wandb.yaml").write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.WandbLogger\n"
+                                         "    init_args: {save_dir: ., project: lightning_logs}\n")
+    assert main(tiny_fit_args(prepared_dir, max_steps=3) + ["--config", "wandb.yaml"]) == 0
+    (run,) = [p for p in (tmp_path / "lightning_logs").iterdir() if (p / "checkpoints").is_dir()]
+    assert not (tmp_path / "config.yaml").exists()
+    assert "data_dir" in (run / "config.yaml").read_text() and "val_loss" in (run / "report.md").read_text()
