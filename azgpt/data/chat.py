@@ -170,6 +170,9 @@ def parse_conversation(record: Any, where: str) -> list[Message]:
 def iter_conversations(path: str | Path) -> Iterator[list[Message]]:
     """Conversations of one jsonl file; blank lines are skipped; any bad line is an error naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise AzGPTError(f"instruction file {path} is a folder, not a .jsonl file: list the .jsonl files inside "
+                         f"it in data.files")
     if not path.is_file():
         raise AzGPTError(f"instruction file {path} does not exist: pass a .jsonl of {{\"prompt\", \"response\"}} "
                          f"or {{\"messages\"}} lines")

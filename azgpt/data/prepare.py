@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import FolderLock, create_exclusive, write_error, write_text_exclusive
-from azgpt.data.corpus import CorpusStats, iter_documents, limit_documents, resolve_corpus_files
+from azgpt.data.corpus import GZIP_MIN_BYTES, CorpusStats, iter_documents, limit_documents, resolve_corpus_files
 from azgpt.data.hub import is_hub_corpus, provenance
 from azgpt.errors import AzGPTError
 from azgpt.data.tokenizer import (
@@ -318,6 +318,8 @@ def _expected_text_bytes(sources: Sequence[str]) -> int | None:
             return None
         path = Path(source)
         if path.name.lower().endswith(".gz"):
+            if path.stat().st_size < GZIP_MIN_BYTES:
+                continue  # not a gzip file at all: the corpus reader refuses it, naming it
             with open(path, "rb") as handle:  # gzip's trailer holds the uncompressed size (mod 4 GiB)
                 handle.seek(-4, os.SEEK_END)
                 total += int.from_bytes(handle.read(4), "little")

@@ -18,6 +18,7 @@ from azgpt.artifact import load_model
 from azgpt.checkpoint import ARCHITECTURE_KEYS, Checkpoint, load_checkpoint_file
 from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
+from azgpt.errors import AzGPTError
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
 from azgpt.train.module import OPTIMIZERS, AzGPT, CompileSetting, check_same_architecture
 
@@ -142,6 +143,10 @@ class FinetuneCLI(AzGPTCLI):
         configured = {k: v for k, v in vars(self.config.fit.model).items() if v is not None}
         options = inspect.signature(self.model_class.__init__).parameters
         saved = load_checkpoint_file(ckpt_path).get("hyper_parameters") or {}
+        if "init_from" not in saved:  # what every fine-tune records; its vocabulary would differ by the template's
+            raise AzGPTError(f"--ckpt_path {ckpt_path} is not a fine-tune's checkpoint (it records no init_from): "
+                             f"--ckpt_path resumes a fine-tune; to start one from this model, pass it as "
+                             f"--model.init_from without --ckpt_path")
         saved = {key: value for key, value in saved.items() if key in options}
         self.config = self.parser.parse_object({"fit": {"model": saved}}, self.config)
         check_same_architecture(dict(vars(self.config.fit.model)), configured)

@@ -67,7 +67,7 @@ def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             _append_csv(Path(logger.log_dir) / TEXT_FILE, step, tag, text)
-        elif _is_wandb(logger):
+        elif is_wandb(logger):
             logger.log_text(key=tag, columns=["step", "text"], data=[[str(step), text]])
         elif hasattr(logger.experiment, "add_text"):
             logger.experiment.add_text(tag, text, global_step=step)
@@ -80,7 +80,7 @@ def flush(trainer: L.Trainer) -> None:
     ``trainer.test`` under W&B needs a new ``WandbLogger``).
     """
     for logger in trainer.loggers:
-        if _is_wandb(logger):
+        if is_wandb(logger):
             logger.experiment.finish()
         else:
             logger.save()
@@ -88,10 +88,10 @@ def flush(trainer: L.Trainer) -> None:
 
 def can_hold_text(logger: Logger) -> bool:
     """Whether ``log_text`` writes anything to ``logger``."""
-    return isinstance(logger, CSVLogger) or _is_wandb(logger) or hasattr(logger.experiment, "add_text")
+    return isinstance(logger, CSVLogger) or is_wandb(logger) or hasattr(logger.experiment, "add_text")
 
 
-def _is_wandb(logger: Logger) -> bool:
+def is_wandb(logger: Logger) -> bool:
     return type(logger).__name__ == "WandbLogger"  # no import: wandb is an optional extra
 
 

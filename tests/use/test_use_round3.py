@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ import pytest
 import torch
 
 from azgpt.cli import main
+from azgpt.use.export import EXPORTED_FILES
+from mount_helpers import tmpfs
 
 
 def strict_json(text: str) -> object:
@@ -70,3 +74,56 @@ def test_the_largest_seed_lasts_every_turn(tiny_run) -> None:
     for turn in ("Salam", "Bakı", "Necəsən?"):
         "".join(session.reply(turn))
     assert len(session.history) == 6
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_into_the_current_empty_folder(tiny_run, tmp_path: Path, monkeypatch, fmt: str) -> None:
+    if fmt == "gguf":
+        pytest.importorskip("gguf")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["export", "--ckpt", str(tiny_run.ckpt), "--out", ".", "--format", fmt]) == 0
+    names = sorted(p.name for p in here.iterdir())
+    assert names == (["Modelfile", "here-f16.gguf"] if fmt == "gguf" else sorted(EXPORTED_FILES))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # nothing left beside it
+    assert Path.cwd() == here and here.is_dir()  # the shell's folder was filled, not swapped out
+
+
+def test_sigterm_while_a_folder_is_written_leaves_no_partial_folder(tmp_path: Path) -> None:
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from azgpt.atomic import atomic_folder\n"
+              "with atomic_folder(Path(sys.argv[1])) as folder:\n"
+              "    (folder / 'big.bin').write_bytes(b'x' * 1000)\n"
+              "    print('writing', flush=True)\n"
+              "    time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                               cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert process.stdout.readline() == b"writing\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_sweeps_the_partial_folder_of_a_dead_process(tiny_run, tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".hf.partial-{socket.gethostname()}-{dead.pid}"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".hf.partial-{socket.gethostname()}-{os.getppid()}"  # a live process: kept
+    alive.mkdir()
+    assert main(["export", "--ckpt", str(tiny_run.ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", alive.name])
+
+
+def test_gguf_export_onto_a_full_disk_is_one_line(tiny_run, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("gguf")
+    with tmpfs(tmp_path / "small", size="64k") as small:
+        code = main(["export", "--ckpt", str(tiny_run.ckpt), "--format", "gguf", "--outtype", "f32",
+                     "--out", str(small / "g")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"azgpt: error: cannot write --out {small / 'g'}: the disk is full")
+        assert list(small.iterdir()) == []
