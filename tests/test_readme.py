@@ -51,3 +51,13 @@ def test_declared_floors_cover_what_the_code_uses() -> None:
 def test_dev_extras_are_installed(module: str) -> None:
     """Test files skip themselves without these (importorskip); here a broken dev install fails instead."""
     importlib.import_module(module)
+
+
+def test_the_layout_map_names_every_module_and_config() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout"):]
+    modules = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "azgpt").rglob("*.py"))
+               if p.name != "__init__.py"]
+    missing = [m for m in modules if m not in layout and Path(m).name not in layout]
+    missing += [p.name for p in sorted((ROOT / "configs").glob("*.yaml")) if p.name not in layout]
+    assert not missing, f"README's layout map does not name {missing}"
