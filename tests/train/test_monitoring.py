@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,10 @@ def test_event_file_holds_the_train_vs_val_layout(trained_run: Path) -> None:
     assert any("val_loss" in t for t in charts["loss"]) and any("train_eval_loss" in t for t in charts["loss"])
     assert any("val_ppl" in t for t in charts["perplexity"]) and any("train_eval_ppl" in t
                                                                      for t in charts["perplexity"])
+    # The gap chart's pattern must match the logged tag exactly (a regex TensorBoard applies to tag names).
+    gap = charts["overfit gap (val_loss - train_eval_loss)"]
+    logged = events(trained_run).Tags()["scalars"]
+    assert [tag for tag in logged if any(re.search(pattern, tag) for pattern in gap)] == ["overfit_gap"]
 
 
 def test_rss_is_logged_with_a_sane_value(trained_run: Path) -> None:
