@@ -220,3 +220,19 @@ def test_tokenizer_trains_on_a_capped_sample_and_the_dataset_is_read_once(hub_di
     assert 2_000 <= meta["tokenizer_sample_bytes"] < 2_000 + 200  # whole documents up to the size
     assert sum(meta["splits"][s]["documents"] for s in ("train", "val")) == 700  # yet every record is encoded
     assert f"tokenizer trained on the first {meta['tokenizer_sample_bytes']:,} bytes" in stdout
+
+
+def test_the_first_document_flows_before_the_dataset_is_read_whole(hub_dir: Path, tmp_path: Path) -> None:
+    """README: datasets are streamed. The second train shard here is garbage: a reader that loads (or
+    downloads) the split whole fails before its first document; a stream yields the first shard's 400 first."""
+    import itertools
+    import shutil
+
+    broken = tmp_path / "fineweb-like"
+    shutil.copytree(hub_dir, broken)
+    (broken / "data/azj_Latn/train/000_00001.parquet").write_bytes(b"not a parquet file" * 100)
+    documents = iter_documents(f"hf:{broken}?config=azj_Latn&split=train")
+    first = list(itertools.islice(documents, 400))
+    assert first == [normalize_text(record_text(i)).strip() for i in range(400)]
+    with pytest.raises(pa.ArrowInvalid, match="Parquet magic bytes not found"):
+        next(documents)  # the broken shard is reached only now
