@@ -119,3 +119,14 @@ def assert_same_tokenizer(ours, theirs, texts: list[str]) -> None:
         ids = ours.encode(text).ids
         assert theirs(text)["input_ids"] == ids
         assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_wandb_per_test():
+    """W&B keeps its settings (WANDB_DIR among them) in a process-wide singleton from the first run on: a later
+    test's offline run would write into an earlier test's folder. Tear it down after each test that loaded it."""
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()

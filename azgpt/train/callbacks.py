@@ -155,7 +155,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             return  # a micro-batch inside an accumulation window: no optimizer step yet
         super().on_train_batch_end(trainer, pl_module, outputs, batch,
                                    trainer.global_step - self._steps_at_epoch_start - 1)
