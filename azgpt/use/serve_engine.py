@@ -175,8 +175,12 @@ class Engine:
                     self._close(job)
 
     def _close(self, job: Job) -> None:
-        if job.pieces is not None:
-            job.pieces.close()  # type: ignore[attr-defined]  # generators free their KV cache here
+        close = getattr(job.pieces, "close", None)  # a generator frees its KV cache here
+        try:
+            if close is not None:
+                close()
+        except Exception:
+            log.exception("closing a finished generation failed")
         with self._lock:
             self._active.remove(job)
             self._count -= 1
