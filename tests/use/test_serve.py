@@ -43,7 +43,8 @@ def base_server(tiny_run):
 
 
 def client(server, **kwargs) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=server.api, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+    return openai.OpenAI(base_url=server.api, api_key=kwargs.pop("api_key", "unused"), max_retries=0, timeout=30,
+                         **kwargs)
 
 
 def expected(server, messages: list[Message], max_tokens: int, seed: int, temperature: float = 1.0):
