@@ -86,9 +86,9 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> tuple[f
 def start_server(args: argparse.Namespace, most: int) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "azgpt.cli", "serve", "--ckpt", args.ckpt, "--port", "0", "--device",
                args.device, "--max_parallel", str(most), "--max_queue", str(most)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+        command += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     line = server.stderr.readline()
     if " at http://" not in line:

@@ -280,7 +280,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve_command(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                   name: str = "azgpt", max_tokens: int = 128, max_parallel: int = 8, max_queue: int = 32,
-                  max_body: int = DEFAULT_MAX_BODY, grace: float = 5.0, device: str | None = None) -> int:
+                  max_body: int = DEFAULT_MAX_BODY, grace: float = 5.0, device: str | None = None,
+                  threads: int | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /. Ctrl-C or SIGTERM stops it
     (requests still running get up to --grace seconds; exit 130 or 143).
 
@@ -296,6 +297,8 @@ def serve_command(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key
         max_body: largest request body in bytes (larger: 413).
         grace: seconds running requests get to finish after Ctrl-C / SIGTERM before they are cancelled.
         device: cpu, cuda, cuda:1... (default: cuda if available).
+        threads: torch's CPU threads for generation (default: torch's, one per core; small models on a busy
+            CPU are often fastest with 1).
     """
     require_server_libraries()
     import uvicorn
@@ -306,6 +309,12 @@ def serve_command(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key
         raise AzGPTError("--max_tokens and --max_body must be >= 1 and --grace >= 0")
     if api_key is not None and not api_key.strip():
         raise AzGPTError("--api_key is empty: give a key, or leave the option out for no key")
+    if threads is not None:
+        if threads < 1:
+            raise AzGPTError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     engine = Engine(max_parallel, max_queue)
     model = ServedModel.from_checkpoint(ckpt, device=parse_device(device), name=name)
     app = create_app(model, engine, api_key=api_key, max_body=max_body,
