@@ -306,3 +306,16 @@ def test_the_serve_command_stops_on_a_signal_with_the_shells_code(tiny_run, sign
         assert f"stopped by {signal.Signals(signum).name}" in process.stderr.read()
     finally:
         process.kill()
+
+
+@pytest.mark.slow
+def test_the_throughput_benchmark_runs_end_to_end(tiny_run) -> None:
+    """bench/serve_throughput.py against a real azgpt serve process (figures not checked)."""
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(repo / "bench" / "serve_throughput.py"), "--ckpt", str(tiny_run.ckpt),
+                             "--clients", "1,2", "--requests", "1", "--max-tokens", "4", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("command: PYTHONPATH=. python bench/serve_throughput.py --ckpt")
+    assert [line.split()[:2] for line in lines[-2:]] == [["1", "1"], ["2", "2"]]
