@@ -100,7 +100,8 @@ def start_server(args: argparse.Namespace, most: int) -> tuple[subprocess.Popen,
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     levels = [int(n) for n in args.clients.split(",")]
-    print("command: PYTHONPATH=. python bench/serve_throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+    given = sys.argv[1:] if argv is None else argv
+    print("command: PYTHONPATH=. python bench/serve_throughput.py " + shlex.join(given))
     server, url = start_server(args, max(levels))
     try:
         one_request(url, 0, 4)  # warm-up, untimed

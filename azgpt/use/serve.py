@@ -325,7 +325,8 @@ def serve_command(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key
     print(f"azgpt serve: {model.name} ({model.mode}, block {model.block_size}) at {url}  -  chat page {url}/ , "
           f"OpenAI API {url}/v1{' (API key required)' if api_key else ''}; Ctrl-C stops", file=sys.stderr,
           flush=True)
-    server = _signalled_server_class()(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace), engine)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace)
+    server = _signalled_server_class()(config, engine)
     server.run(sockets=[sock])
     if server.received is not None:
         print(f"azgpt serve: stopped by {signal.Signals(server.received).name}", file=sys.stderr)

@@ -123,8 +123,8 @@ def test_eight_concurrent_clients_each_get_their_own_answer(chat_server) -> None
     def ask(i: int) -> str:
         start.wait()
         if i % 2:  # half stream, half do not
-            stream = api.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": questions[i]}],
-                                                 max_tokens=24, seed=100 + i, stream=True)
+            stream = api.chat.completions.create(model="tiny-chat", max_tokens=24, seed=100 + i, stream=True,
+                                                 messages=[{"role": "user", "content": questions[i]}])
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         return api.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": questions[i]}],
                                            max_tokens=24, seed=100 + i).choices[0].message.content
@@ -287,7 +287,8 @@ def test_serve_without_fastapi_is_one_line(monkeypatch, capsys, tmp_path) -> Non
 
     monkeypatch.setattr(builtins, "__import__", no_fastapi)
     assert main(["serve", "--ckpt", str(tmp_path / "none.ckpt")]) == 2
-    assert capsys.readouterr().err == "azgpt: error: azgpt serve needs FastAPI and uvicorn: pip install 'azgpt[serve]'\n"
+    err = capsys.readouterr().err
+    assert err == "azgpt: error: azgpt serve needs FastAPI and uvicorn: pip install 'azgpt[serve]'\n"
 
 
 @pytest.mark.slow
