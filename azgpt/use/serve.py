@@ -325,8 +325,10 @@ def serve_command(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key
     print(f"azgpt serve: {model.name} ({model.mode}, block {model.block_size}) at {url}  -  chat page {url}/ , "
           f"OpenAI API {url}/v1{' (API key required)' if api_key else ''}; Ctrl-C stops", file=sys.stderr,
           flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace)
-    server = _signalled_server_class()(config, engine)
+    # uvicorn's own limit is a backstop: the engine cancels what still runs after --grace, which ends those
+    # responses properly (an error event, then [DONE]).
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace + 5)
+    server = _signalled_server_class()(config, engine, grace)
     server.run(sockets=[sock])
     if server.received is not None:
         print(f"azgpt serve: stopped by {signal.Signals(server.received).name}", file=sys.stderr)
@@ -340,11 +342,12 @@ def _signalled_server_class() -> type:
 
     class SignalledServer(uvicorn.Server):
         """uvicorn's server that remembers the stopping signal (for the exit code) instead of raising it again,
-        and refuses new requests from that moment."""
+        refuses new requests from that moment, and cancels those still running ``grace`` seconds later."""
 
-        def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        def __init__(self, config: uvicorn.Config, engine: Engine, grace: float) -> None:
             super().__init__(config)
             self.engine = engine
+            self.grace = grace
             self.received: int | None = None
 
         @contextlib.contextmanager
@@ -362,7 +365,12 @@ def _signalled_server_class() -> type:
         def _on_signal(self, sig: int, frame: Any) -> None:
             if self.received is None:
                 self.received = sig
-            self.engine.stop_accepting()
+                self.engine.stop_accepting()
+                timer = threading.Timer(self.grace, self.engine.cancel_all)  # what still runs then is cancelled
+                timer.daemon = True
+                timer.start()
+            else:  # a second Ctrl-C: cancel now
+                self.engine.cancel_all()
             self.handle_exit(sig, frame)
 
     return SignalledServer

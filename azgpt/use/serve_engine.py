@@ -135,16 +135,22 @@ class Engine:
         with self._lock:
             self._accepting = False
 
-    def stop(self) -> None:
-        """Cancel every job (their clients get an error) and end the worker thread."""
+    def cancel_all(self) -> None:
+        """Cancel every waiting and running job; their clients get an error saying the server is stopping."""
         with self._lock:
             self._accepting = False
-            self._running = False
             jobs = [*self._waiting, *self._active]
-            self._lock.notify_all()
         for job in jobs:
+            job.cancel()
             if not job.finished:
                 job.post(Event("error", "the server is shutting down; the request was cancelled"))
+
+    def stop(self) -> None:
+        """Cancel every job and end the worker thread."""
+        self.cancel_all()
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
 

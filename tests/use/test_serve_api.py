@@ -170,3 +170,29 @@ def test_message_text_never_becomes_template_tokens(tiny_run) -> None:
     assert tokenizer.decode(ids[2:-2], skip_special_tokens=False) == hostile
     base = model.completion_prompt("a<|endoftext|>b", max_tokens=8)[0]
     assert not special & set(base)
+
+
+def test_cancel_all_ends_running_and_waiting_jobs_with_an_error_and_refuses_new_ones() -> None:
+    def endless(stats):
+        while True:
+            yield "ə"
+
+    async def scenario() -> None:
+        engine = Engine(max_parallel=1, max_queue=1)
+        engine.start()
+        try:
+            running, waiting = Job(endless), Job(endless)
+            engine.submit(running)
+            engine.submit(waiting)
+            await asyncio.sleep(0.05)
+            engine.cancel_all()
+            for job in (running, waiting):
+                last = [event async for event in job.events()][-1]
+                assert last.kind == "error" and "shutting down" in last.text
+            with pytest.raises(ApiError) as caught:
+                engine.submit(Job(endless))
+            assert caught.value.status == 503 and caught.value.code == "shutting_down"
+        finally:
+            engine.stop()
+
+    asyncio.run(scenario())
