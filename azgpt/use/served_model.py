@@ -26,7 +26,10 @@ class ServedModel:
         self.template = template
         self.name = name
         self.created = int(time.time()) if created is None else created
-        generator.tokenizer.encode_special_tokens = True  # special tokens come from the template alone
+        tokenizer = generator.tokenizer
+        tokenizer.encode_special_tokens = True  # special tokens come from the template alone
+        self.longest_token = max(len(tokenizer.decode([i], skip_special_tokens=False))
+                                 for i in range(tokenizer.get_vocab_size()))  # in characters
         if template is not None:
             generator.stop_ids.add(template.token_ids(generator.tokenizer)["end"])
 
@@ -48,11 +51,30 @@ class ServedModel:
     def chat_prompt(self, messages: list[Message], max_tokens: int) -> tuple[list[int], list[str]]:
         """Prompt ids for a reply to ``messages`` (oldest turns dropped to fit, as in ``azgpt chat``) and notes
         saying what was changed."""
+        recent = self.recent(messages)
         session = ChatSession(self.generator, self.template, Sampling(max_new_tokens=max_tokens))
-        session.history = list(messages[:-1])
-        ids = session.prompt_ids(messages[-1].content)
-        notes = ([] if self.template is not None else [BASE_MODEL_NOTE]) + session.notes
-        return ids, notes
+        session.history = list(recent[:-1])
+        ids = session.prompt_ids(recent[-1].content)
+        notes = list(session.notes)
+        if len(recent) < len(messages):  # say how many were left out in all, in the words chat uses
+            if len(session.history) < len(recent) - 1:
+                notes.pop(0)  # chat's own count, of the recent messages only
+            forgotten = len(messages) - 1 - len(session.history)
+            notes.insert(0, f"the conversation is longer than the model's block of {self.block_size} tokens: "
+                            f"forgot the oldest {forgotten} messages")
+        return ids, ([] if self.template is not None else [BASE_MODEL_NOTE]) + notes
+
+    def recent(self, messages: list[Message]) -> list[Message]:
+        """The newest messages that could still fit in the block (each costs at least one token, and a token is
+        at most ``longest_token`` characters long); the older ones could not be seen anyway, and leaving them out
+        keeps cropping cheap however long the conversation sent is."""
+        budget, kept = self.block_size, 0
+        for message in reversed(messages):
+            budget -= 1 + len(message.content) // self.longest_token
+            if budget < 0 and kept:
+                break
+            kept += 1
+        return messages[-kept:]
 
     def completion_prompt(self, prompt: str, max_tokens: int) -> tuple[list[int], list[str]]:
         """Prompt ids of a text to continue, cropped from the left so that ``max_tokens`` more fit the block."""

@@ -196,3 +196,21 @@ def test_cancel_all_ends_running_and_waiting_jobs_with_an_error_and_refuses_new_
             engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_huge_conversation_is_cropped_quickly_and_the_note_counts_every_forgotten_message(tiny_run) -> None:
+    import time
+
+    from azgpt.use.served_model import ServedModel
+
+    model = ServedModel.from_checkpoint(tiny_run.ckpt, device="cpu")
+    messages = [Message("user" if i % 2 == 0 else "assistant", f"Mesaj {i}: " + "söz " * 50) for i in range(5000)]
+    messages.append(Message("user", "Mesaj 5000"))  # about 1 MB in all
+    start = time.perf_counter()
+    ids, notes = model.chat_prompt(messages, max_tokens=8)
+    assert time.perf_counter() - start < 5
+    assert len(ids) <= model.block_size - 8
+    kept = model.generator.tokenizer.decode(ids)
+    assert kept.endswith("Mesaj 5000")
+    forgot = [note for note in notes if "forgot the oldest" in note]
+    assert len(forgot) == 1 and int(forgot[0].split("forgot the oldest ")[1].split()[0]) == 5001 - kept.count("Mesaj")
