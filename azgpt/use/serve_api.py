@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from azgpt.data.chat import ROLES, Message
@@ -62,7 +62,6 @@ class Limits:
 
     block_size: int
     default_max_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
