@@ -62,6 +62,8 @@ VERBS: dict[str, Verb] = {
     "finetune": Verb("azgpt.train.finetune:run_finetune_cli", "fine-tune a checkpoint on instruction jsonl "
                      "(LightningCLI like fit: --config finetune.yaml --model.init_from CKPT)", raw_argv=True),
     "chat": Verb("azgpt.use.chat:chat_command", "talk with a model in the terminal (its chat template if fine-tuned)"),
+    "serve": Verb("azgpt.use.serve:serve_command", "an OpenAI-compatible HTTP API and a chat page at / "
+                  "(pip install 'azgpt[serve]')"),
 }
 
 

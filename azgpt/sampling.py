@@ -19,6 +19,15 @@ from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 
 
+@dataclass
+class StreamStats:
+    """What ``Generator.stream`` did, filled in as it runs: tokens sampled (a stop token included) and whether a
+    stop token ended it (``finish_reason`` "stop") or ``max_new_tokens`` did ("length")."""
+
+    tokens: int = 0
+    finish_reason: str = "length"
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick each next token. ``temperature == 0`` means greedy (argmax); top_k / top_p None: no cut."""
@@ -97,12 +106,14 @@ class Generator:
         top_p: float | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        stats: StreamStats | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` (text or token ids) as text pieces, as soon as each is whole.
 
         Stops at end-of-text or another of ``stop_ids`` (not yielded) or after ``max_new_tokens`` tokens. A
         prompt longer than the block size is cropped from the left with a warning. ``seed`` makes sampling reproducible; ``use_cache=False``
-        recomputes every position each step (slow; for checking the KV cache).
+        recomputes every position each step (slow; for checking the KV cache). ``stats``, when given, counts the
+        tokens as they are sampled and records why generation ended.
         """
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
         check_seed(seed)
@@ -117,7 +128,7 @@ class Generator:
             idx, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, stop_token=self.eot_id, use_cache=use_cache, generator=generator,
         )
-        return self._decode(int(token[0]) for token in tokens)
+        return self._decode((int(token[0]) for token in tokens), stats if stats is not None else StreamStats())
 
     def generate(self, prompt: str | list[int], **kwargs) -> str:
         """The whole continuation as one string (same arguments as ``stream``)."""
@@ -139,14 +150,16 @@ class Generator:
             warnings.warn(crop_note(dropped + len(ids), len(ids)), stacklevel=3)
         return ids
 
-    def _decode(self, token_ids: Iterator[int]) -> Iterator[str]:
+    def _decode(self, token_ids: Iterator[int], stats: StreamStats) -> Iterator[str]:
         # DecodeStream holds back tokens that end inside a multi-byte UTF-8 character; whatever it still holds
         # when generation ends is flushed from a full decode of the continuation.
         stream = DecodeStream(skip_special_tokens=False)
         new_ids: list[int] = []
         emitted = 0
         for token_id in token_ids:
+            stats.tokens += 1
             if token_id in self.stop_ids:
+                stats.finish_reason = "stop"
                 break
             new_ids.append(token_id)
             piece = stream.step(self.tokenizer, token_id)
