@@ -21,12 +21,16 @@ CLOCK = FakeClock()
 class Ticker(L.Callback):
     """Advances ``CLOCK`` by ``micro_batch_s`` as each micro-batch starts and ``validation_s`` per validation."""
 
-    def __init__(self, micro_batch_s: float = 1.0, validation_s: float = 3.0) -> None:
+    def __init__(self, micro_batch_s: float = 1.0, validation_s: float = 3.0, slow_from_step: int | None = None,
+                 slow_factor: float = 1.0) -> None:
         self.micro_batch_s = micro_batch_s
         self.validation_s = validation_s
+        self.slow_from_step = slow_from_step  # from this optimizer step on, micro-batches take slow_factor times longer
+        self.slow_factor = slow_factor
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        CLOCK.now += self.micro_batch_s
+        slow = self.slow_from_step is not None and trainer.global_step + 1 >= self.slow_from_step
+        CLOCK.now += self.micro_batch_s * (self.slow_factor if slow else 1.0)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from statistics import fmean
+from statistics import fmean, median
 from time import monotonic
 from typing import Any, Callable
 
@@ -193,8 +193,8 @@ class TimeBudget(L.Callback):
         self._steps_here += 1
         if self._validated:  # this interval holds a validation (and its checkpoints and samples) too
             self._validated = False
-            if self._step_times:
-                self._validation_times.append(max(0.0, took - fmean(self._step_times)))
+            if self._step_times:  # minus the step's own time: the latest steps' (the speed may be changing)
+                self._validation_times.append(max(0.0, took - median(list(self._step_times)[-3:])))
                 self.validation_s, self.validation_measured = fmean(self._validation_times), True
         elif self._steps_here > self.skip_steps:
             self._step_times.append(took)

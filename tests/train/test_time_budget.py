@@ -169,6 +169,28 @@ def test_resume_mid_budget_keeps_the_plan(budget_run, data_dir, tmp_path, monkey
     assert budget_state(last)["elapsed_s"] == PLANNED_END
 
 
+@pytest.mark.slow
+def test_budget_re_plans_when_the_machine_slows_down(data_dir, tmp_path, monkeypatch, caplog) -> None:
+    """From step 30 every step takes twice as long (another program started): azgpt says it re-plans, still ends
+    within the budget, and the learning rate still reaches its floor on the new last step."""
+    run = tmp_path / "slow"
+    config = write_config(run, data_dir, extra_callbacks=[
+        {"class_path": "budget_helpers.Ticker",
+         "init_args": {"micro_batch_s": 1.0, "validation_s": 3.0, "slow_from_step": 30, "slow_factor": 2.0}},
+        {"class_path": "budget_helpers.LRRecorder", "init_args": {"path": str(run / "rates.txt")}}])
+    with caplog.at_level("INFO"):
+        assert fit_on_fake_clock(monkeypatch, config) == 0
+    assert f"planning {PLANNED_STEPS} optimizer steps" in caplog.text and "re-planned to" in caplog.text
+    last_step = max(read_losses(run))
+    # The slower steps leave time for 44 steps at most (step 44 ends at 29*4 + 15*8 + 22*3 = 302 s).
+    assert 40 <= last_step <= 44
+    state = budget_state(next(run.glob("lightning_logs/*/checkpoints/last.ckpt")))
+    # The measured mean lags behind the change, so the end may miss by up to the re-planning tolerance (2%).
+    assert state["total_steps"] == last_step and abs(state["elapsed_s"] - 300) <= 0.02 * 300
+    rates = read_rates(run / "rates.txt")
+    assert rates[last_step] == pytest.approx(LR * FLOOR)
+
+
 def test_budget_errors_are_one_line_naming_the_option(data_dir, tmp_path, capsys) -> None:
     config = write_config(tmp_path / "run", data_dir)
     assert main(["fit", "--config", str(config), "--budget", "30 minutes"]) == 2
