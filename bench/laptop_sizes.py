@@ -114,7 +114,7 @@ def main() -> None:
               f"({steps * tokens_per_step / train_tokens:.2f} epochs)", flush=True)
         command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config", "laptop.yaml",
                    *data_args, "--model.n_layer", str(n_layer), "--model.n_head", str(n_head),
-                   "--model.n_embd", str(n_embd), "--trainer.max_steps", str(steps),
+                   "--model.n_embd", str(n_embd), "--budget", "null", "--trainer.max_steps", str(steps),
                    "--val_every_n_steps", str(max(steps // 10, 1)), "--early_stopping", "null",
                    "--trainer.enable_progress_bar", "false"]
         if (work / name).exists():

@@ -200,7 +200,7 @@ class TimeBudget(L.Callback):
             self._step_times.append(took)
         if self._step_times and len(self._step_times) >= min(self.measure_steps, self._step_times.maxlen or 1):
             self.step_s = fmean(self._step_times)
-        total = self._decide(trainer, pl_module, step)
+        total = self._decide(trainer, pl_module, step, took)
         if trainer.world_size > 1:  # every rank's clock differs: rank zero decides for all
             total = trainer.strategy.broadcast(total, src=0)
         if total != self.total_steps:
@@ -215,21 +215,27 @@ class TimeBudget(L.Callback):
 
     # -- planning ----------------------------------------------------------------------------------------
 
-    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> int | None:
-        """The step count this rank would plan now (None: still measuring)."""
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, took: float) -> int | None:
+        """The step count this rank would plan now (None: still measuring); ``took``: the last step's time."""
         if self.total_steps is None:
-            if len(self._step_times) >= self.measure_steps:
+            # A slow machine or a short budget: plan from fewer steps rather than spend a quarter of the budget.
+            early = bool(self._step_times) and self.elapsed() >= 0.25 * self.budget_s
+            if len(self._step_times) >= self.measure_steps or early:
+                self.step_s = fmean(self._step_times)
                 total = self._plan(trainer)
                 self._announce(trainer, pl_module, total)
                 self._announced = total
                 return total
-            return step if self.elapsed() >= self.budget_s else None  # a budget too short to measure in
-        if not self.step_s:
-            return self.total_steps
-        every = self._validation_every(trainer)
+            # Not one measured step yet: stop before a step that would end past the budget.
+            return step if self.elapsed() + took > self.budget_s else None
+        if not self.step_s or step >= self.total_steps:
+            return self.total_steps  # nothing measured yet, or done: a longer plan now would raise the rate again
+        every, validation_s = self._validation_every(trainer), self._validation_cost(trainer)
         predicted = (self.elapsed() + (self.total_steps - step) * self.step_s
-                     + validations_between(step, self.total_steps, every) * self._validation_cost(trainer))
-        if abs(predicted - self.budget_s) <= self.tolerance * self.budget_s:
+                     + validations_between(step, self.total_steps, every) * validation_s)
+        # Early by less than a step and a validation is as close as a plan gets: no re-plan for that.
+        early_by = max(self.tolerance * self.budget_s, self.step_s + validation_s)
+        if self.budget_s - early_by <= predicted <= self.budget_s * (1 + self.tolerance):
             return self.total_steps
         total = self._plan(trainer)
         if total != self.total_steps:

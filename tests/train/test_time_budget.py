@@ -194,6 +194,24 @@ def test_budget_re_plans_when_the_machine_slows_down(data_dir, tmp_path, monkeyp
     assert rates[last_step] == pytest.approx(LR * FLOOR)
 
 
+@pytest.mark.slow
+def test_a_short_budget_plans_from_fewer_steps(data_dir, tmp_path, monkeypatch, caplog) -> None:
+    """40 s at 4 s a step: once a quarter of the budget is spent azgpt plans from the steps it has measured (one,
+    step 4, at 19 s) instead of the usual 8, so the run still ends on time with its learning rate at the floor."""
+    run = tmp_path / "short"
+    config = budget_config(run, data_dir)
+    with caplog.at_level("INFO"):
+        assert fit_on_fake_clock(monkeypatch, config, "--budget", "40s") == 0
+    # The first plan guesses a validation at 0.67 s (2 forward batches at a third of a 4-micro-batch step's 4 s):
+    # 8 steps. The one after step 4 takes 3 s, so at step 5 it re-plans: steps 5-7 and the validations after steps
+    # 4, 6 and 7 end at exactly 19 + 12 + 9 = 40 s; step 8 would end at 44 s.
+    assert "measured over 1 steps" in caplog.text and "planning 8 optimizer steps" in caplog.text
+    assert "re-planned to 7 steps" in caplog.text
+    assert max(read_losses(run)) == 7
+    assert read_rates(run / "rates.txt")[7] == pytest.approx(LR * FLOOR)
+    assert budget_state(next(run.glob("lightning_logs/*/checkpoints/last.ckpt")))["elapsed_s"] == 40.0
+
+
 def test_budget_errors_are_one_line_naming_the_option(data_dir, tmp_path, capsys) -> None:
     config = write_config(tmp_path / "run", data_dir)
     assert main(["fit", "--config", str(config), "--budget", "30 minutes"]) == 2
