@@ -16,6 +16,7 @@ from azgpt.errors import AzGPTError
 from azgpt.sampling import Generator, Sampling
 from azgpt.train.loggers import can_hold_text, log_text
 from azgpt.train.precision import measure_matmul_flops, precision_dtype, synchronize
+from azgpt.train.time_budget import PROVISIONAL_STEPS
 from azgpt.data.tokenizer import tokenizer_from_json
 
 
@@ -130,7 +131,8 @@ class StepProgressBar(TQDMProgressBar):
     @property
     def total_train_batches(self) -> int | float:
         trainer = self.trainer
-        if trainer.max_steps is not None and trainer.max_steps > 0:
+        # A time budget's provisional step count (before its plan) is no total to show.
+        if trainer.max_steps is not None and 0 < trainer.max_steps < PROVISIONAL_STEPS:
             remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
             return min(trainer.num_training_batches, remaining)
         return trainer.num_training_batches

@@ -51,6 +51,10 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
+def _monotonic() -> float:
+    return monotonic()  # the module's name, looked up at each call, so tests can replace it with a fake clock
+
+
 def format_duration(seconds: float) -> str:
     """``seconds`` as minutes (or seconds under two minutes), for messages."""
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
@@ -99,13 +103,13 @@ class TimeBudget(L.Callback):
     plans_steps = True  # DataBudgetCheck leaves the data budget to the plan
 
     def __init__(self, budget: str | float, skip_steps: int = 2, measure_steps: int = 8, tolerance: float = 0.02,
-                 window: int = 20, clock: Callable[[], float] | None = None) -> None:
+                 window: int = 10, clock: Callable[[], float] | None = None) -> None:
         self.budget = budget
         self.budget_s = parse_budget(budget)
         if skip_steps < 0 or measure_steps < 1 or not 0 < tolerance < 1 or window < 1:
             raise AzGPTError("TimeBudget: need skip_steps >= 0, measure_steps >= 1, 0 < tolerance < 1, window >= 1")
         self.skip_steps, self.measure_steps, self.tolerance = skip_steps, measure_steps, tolerance
-        self._clock = clock or (lambda: monotonic())  # looked up at call time, so tests can replace it
+        self._clock = clock or _monotonic
         self._step_times: deque[float] = deque(maxlen=window)
         self._validation_times: deque[float] = deque(maxlen=3)
         self.total_steps: int | None = None  # the plan
