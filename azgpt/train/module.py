@@ -325,7 +325,7 @@ class AzGPT(L.LightningModule):
             raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
                              f"got {self.trainer.max_steps}")
         # A time budget (azgpt.train.time_budget) changes max_steps while training: read it at every step then.
-        callbacks = getattr(self.trainer, "callbacks", ())
+        callbacks = getattr(self._trainer, "callbacks", ()) if self._trainer is not None else ()
         planned = any(getattr(callback, "plans_steps", False) for callback in callbacks)
         if planned and hp.decay_steps:
             raise AzGPTError(f"model.decay_steps must be null with --budget (the budget plans the steps), got "
