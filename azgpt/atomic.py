@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,41 +121,94 @@ class FolderLock:
 def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; when the block ends without error it becomes ``target``.
 
-    On error (or a kill) ``target`` is untouched and the temporary folder is removed (a kill leaves only a hidden
-    ``.NAME.partial-HOST-PID`` folder). An existing ``target`` must be empty unless ``overwrite``; then when the new
-    folder holds a file of every name in the old one, the old folder is swapped out as a whole (between the two
-    renames ``target`` is briefly absent, never half-written); else the new files are renamed in one by one and
-    the old folder's other files are kept.
+    On error, Ctrl-C or SIGTERM ``target`` is untouched and the temporary folder is removed (only a kill -9 leaves
+    a hidden ``.NAME.partial-HOST-PID`` folder, which the next run here sweeps once that process is gone). An
+    existing ``target`` must be empty unless ``overwrite``; then when the new folder holds a file of every name in
+    the old one, the old folder is swapped out as a whole (between the two renames ``target`` is briefly absent,
+    never half-written); else the new files are renamed in one by one and the old folder's other files are kept.
+    The current folder (``--out .``) is never swapped out, which would leave the shell in a deleted folder: the
+    temporary folder is built inside it and its files are renamed in.
     """
-    target = Path(target)
+    target = _named(Path(target))
     if target.exists() and not target.is_dir():
         raise AzGPTError(f"{target} is a file: give a folder to write into")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise AzGPTError(f"{target} is not empty: choose a new folder or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    in_place = target.is_dir() and _is_current_folder(target)
+    home = target if in_place else target.parent
+    home.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(home, target.name)
     tag = f"{socket.gethostname()}-{os.getpid()}"
-    temporary = target.with_name(f".{target.name}.partial-{tag}")
+    temporary = home / f".{target.name}.partial-{tag}"
     _remove(temporary)
     temporary.mkdir()
     try:
-        yield temporary
-        fsync_folder(temporary)
-        if not target.exists():
-            os.replace(temporary, target)
-        elif {p.name for p in target.iterdir()} <= {p.name for p in temporary.iterdir()}:
-            old = target.with_name(f".{target.name}.old-{tag}")
-            _remove(old)
-            os.replace(target, old)
-            os.replace(temporary, target)
-            _remove(old)
-        else:
-            for path in sorted(temporary.iterdir()):
-                if (target / path.name).is_dir():
-                    _remove(target / path.name)
-                os.replace(path, target / path.name)
-        fsync_folder(target.parent)
+        with _sigterm_as_exit():
+            yield temporary
+            fsync_folder(temporary)
+            if in_place:
+                _move_files(temporary, target)
+            elif not target.exists():
+                os.replace(temporary, target)
+            elif {p.name for p in target.iterdir()} <= {p.name for p in temporary.iterdir()}:
+                old = target.with_name(f".{target.name}.old-{tag}")
+                _remove(old)
+                os.replace(target, old)
+                os.replace(temporary, target)
+                _remove(old)
+            else:
+                _move_files(temporary, target)
+            fsync_folder(target.parent)
     finally:
         _remove(temporary)
+
+
+def _named(path: Path) -> Path:
+    """``path`` with a last component to name siblings after (``.``, ``..`` and ``/`` have none)."""
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
+
+
+def _is_current_folder(path: Path) -> bool:
+    try:
+        return path.samefile(Path.cwd())
+    except OSError:
+        return False
+
+
+def _move_files(source: Path, target: Path) -> None:
+    """Rename every entry of ``source`` into ``target``, replacing entries of the same name."""
+    for path in sorted(source.iterdir()):
+        if (target / path.name).is_dir():
+            _remove(target / path.name)
+        os.replace(path, target / path.name)
+
+
+def _sweep_leftovers(folder: Path, name: str) -> None:
+    """Remove the temporary folders of earlier writes of ``name`` whose process on this host is gone."""
+    host = socket.gethostname()
+    for kind in ("partial", "old"):
+        for path in folder.glob(f".{name}.{kind}-{host}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _remove(path)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` (the shell's code for it) so that ``finally`` blocks
+    clean up; Python's default would end the process at once. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -198,8 +254,14 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EPERM: "permission denied", errno.EFBIG: "the file grew too large for the filesystem"}
 
 
+# numpy's ``tofile`` (which the gguf writer uses) reports a short write this way, with no errno: the disk filled up.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
 def write_error(exc: OSError, where: Path | str, option: str, remedy: str = "") -> AzGPTError | None:
     """A clear ``AzGPTError`` for an OSError met while writing into ``where``, or None for other errors."""
+    if exc.errno is None and _SHORT_WRITE.match(str(exc)):
+        exc = OSError(errno.ENOSPC, str(exc))
     reason = WRITE_ERRNOS.get(exc.errno)
     if reason is None:
         return None

@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import json
 import re
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, get_args, get_origin, get_type_hints
+from typing import Any, Callable, get_type_hints
 
 from azgpt import __version__
 from azgpt.errors import AzGPTError, TrainingInterrupted
+from azgpt.argv import is_list, list_flags
 from azgpt.runtime import tune_malloc
 
 EXIT_USER_ERROR = 2
@@ -103,35 +103,9 @@ def bare_bool_flags(argv: list[str], names: set[str]) -> list[str]:
     return completed
 
 
-def list_flags(argv: list[str], names: set[str]) -> list[str]:
-    """``--corpus a.txt b/`` -> ``--corpus '["a.txt", "b/"]'``: a list option takes every value up to the next flag
-    (jsonargparse alone takes one JSON list or ``--corpus+ a.txt``, which also still work)."""
-    gathered: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and arg[2:] in names:
-            values = []
-            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                values.append(argv[i + 1])
-                i += 1
-            if len(values) == 1 and values[0].lstrip().startswith("["):
-                gathered += [arg, values[0]]  # already a JSON / YAML list
-            else:
-                gathered += [arg, json.dumps(values)]
-        else:
-            gathered.append(arg)
-        i += 1
-    return gathered
-
-
 def _options_of_type(function: Callable[..., Any], wanted: Callable[[Any], bool]) -> set[str]:
     hints = get_type_hints(_options_class(function) or function)
     return {name for name, hint in hints.items() if name != "return" and wanted(hint)}
-
-
-def _is_list(hint: Any) -> bool:
-    return list in (get_origin(hint), *(get_origin(arg) for arg in get_args(hint)))
 
 
 def _options_class(function: Callable[..., Any]) -> type | None:
@@ -167,7 +141,7 @@ def run_verb(name: str, argv: list[str]) -> int:
     parser = build_parser(name, function)
     argv = snake_case_flags(argv, name)
     argv = bare_bool_flags(argv, _options_of_type(function, lambda hint: hint is bool))
-    argv = list_flags(argv, _options_of_type(function, _is_list))
+    argv = list_flags(argv, _options_of_type(function, is_list))
     try:
         config = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --print_config, or a parse error jsonargparse has already printed

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# The target id the loss skips (padding, prompts of instruction data, scored-before tokens): the data side
+# writes it as azgpt.data.datamodule.PAD_TARGET, which cannot import this module (tests/test_model.py ties them).
+IGNORED_TARGET = -1
 # activation name -> nn.GELU's `approximate` argument
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 POSITIONS = ("learned", "rope")
@@ -368,7 +371,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORED_TARGET
             )
         return logits, loss
 

@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from azgpt.checkpoint import load_checkpoint
-from azgpt.data.tokenizer import EOT
+from azgpt.artifact import load_model
+from azgpt.data.tokenizer import EOT, encode_text
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 
@@ -58,7 +58,7 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> Generator:
         """Load a ``.ckpt`` written by ``azgpt fit`` (safely: tensors and plain data only)."""
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_model(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         template = checkpoint.chat_template  # a fine-tuned model: its reply also ends at the template's end token
@@ -70,7 +70,10 @@ class Generator:
         return self.model.transformer.wte.weight.device
 
     def encode_prompt(self, prompt: str) -> tuple[list[int], int]:
-        """Token ids of ``prompt`` cropped from the left to the block size, and how many were dropped."""
+        """Token ids of ``prompt`` cropped from the left to the block size, and how many were dropped.
+
+        The prompt is text: special tokens spelled in it (``<|endoftext|>``, a chat template's) stay characters.
+        """
         if not isinstance(prompt, str) or not prompt:
             raise AzGPTError("the prompt is empty: give some text to continue, e.g. --prompt \"Azərbaycan\"")
         try:
@@ -78,7 +81,7 @@ class Generator:
         except UnicodeEncodeError as exc:  # undecodable bytes of argv arrive as lone surrogates
             raise AzGPTError(f"the prompt is not valid UTF-8 text (bad byte at character {exc.start}): pass the "
                              f"text in UTF-8") from None
-        ids = self.tokenizer.encode(prompt).ids
+        ids = encode_text(self.tokenizer, prompt)
         if not ids:
             raise AzGPTError(f"the prompt {prompt!r} has no tokens: give some text to continue")
         block_size = self.model.config.block_size

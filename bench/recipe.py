@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from azgpt.data.corpus import iter_documents  # noqa: E402
 from azgpt.data.prepare import PrepareConfig, prepare  # noqa: E402
-from azgpt.data.tokenizer import eot_id, load_tokenizer, split_at_line_breaks, token_byte_lengths  # noqa: E402
+from azgpt.data.tokenizer import (bits_per_byte, eot_id, load_tokenizer, split_at_line_breaks,  # noqa: E402
+                                  token_byte_lengths)
 from azgpt.runtime import tune_malloc  # noqa: E402
 from azgpt.train.module import AzGPT  # noqa: E402
 
@@ -189,7 +190,7 @@ def held_out_bpb(run: Run, data: Data, args: argparse.Namespace) -> float:
         targets = rows[:, 1:].reshape(-1)
         nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, reduction="sum").item()
         bytes_ += data.byte_lengths[targets].sum().item()
-    return nll / (math.log(2) * bytes_)
+    return bits_per_byte(nll, bytes_)
 
 
 def time_to_reach(curve: list[tuple[float, int, float]], target: float) -> float | None:

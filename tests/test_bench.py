@@ -66,7 +66,7 @@ def test_gpu_check_dry_run(tmp_path) -> None:
     assert {check["status"] for check in checks.values()} <= {"ok", "skip"}
     assert checks["quickstart"]["figures"]["16-mixed"]["last_ckpt_step"] == 4
     resume = checks["resume"]["figures"]
-    assert resume["steps_compared"] == 5 and resume["bitwise_equal"] == 5  # 6 steps, the stopped one unlogged
+    assert resume["steps_compared"] == 6 and resume["bitwise_equal"] == 6
     assert checks["distributed"]["figures"]["ddp"]["bitwise_equal"] == 4
     assert checks["distributed"]["figures"]["ddp"]["loads_on_cpu"] is True
     assert checks["use"]["figures"]["export/gguf"]["exit"] == 0

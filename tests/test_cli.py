@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 import azgpt
-from azgpt.cli import LIGHTNING, VERBS, list_flags, main, snake_case_flags
+from azgpt.argv import list_flags
+from azgpt.cli import LIGHTNING, VERBS, main, snake_case_flags
 from tests.conftest import TINY_BLOCK
 
 
@@ -82,3 +83,20 @@ def test_list_options_take_every_value_up_to_the_next_flag() -> None:
 def test_bad_values_exit_2_naming_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "--ckpt", str(tmp_path / "x.ckpt")]) == 2  # --out missing
     assert "out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [["fit", "--config", "quickstart.yaml"],
+                                  ["finetune", "--config", "finetune.yaml", "--model.init_from", "base.ckpt"]])
+def test_list_options_take_one_spelling_in_lightning_verbs_too(capsys, verb) -> None:
+    """``--data.files a.jsonl b.jsonl`` (the README's spelling) parses under fit and finetune as under prepare."""
+    import yaml
+
+    option = "--data.corpus" if verb[0] == "fit" else "--data.files"
+    with pytest.raises(SystemExit) as printed_and_left:  # LightningCLI's --print_config exits 0
+        main([*verb, option, "a.txt", "b dir/", "--data.val_corpus" if verb[0] == "fit" else "--data.batch_size",
+              "null" if verb[0] == "fit" else "4", "--print_config"])
+    assert printed_and_left.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"][option.removeprefix("--data.")] == ["a.txt", "b dir/"]
+    if verb[0] == "fit":
+        assert printed["data"]["val_corpus"] is None

@@ -341,3 +341,11 @@ def test_generate_argument_validation(kwargs: dict, name: str) -> None:
     kwargs = dict(max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=name):
         list(model.generate(torch.zeros(1, 3, dtype=torch.long), **kwargs))
+
+
+def test_the_data_pads_with_the_target_the_loss_ignores() -> None:
+    """One value, two names: data cannot import the model (layering), so this test ties them."""
+    from azgpt.data.datamodule import PAD_TARGET
+    from azgpt.model import IGNORED_TARGET
+
+    assert PAD_TARGET == IGNORED_TARGET

@@ -25,11 +25,18 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
-from azgpt.data.tokenizer import EOT
+from azgpt.data.tokenizer import EOT, encode_text
 from azgpt.errors import AzGPTError
 
 TEMPLATE_FORMAT = "azgpt-chat-1"
 ROLES = ("system", "user", "assistant")
+# What runtimes that render a template into a string (transformers, llama.cpp, Ollama) do with such text: for
+# the model cards of the HF and GGUF exports.
+TEMPLATE_TEXT_WARNING = (
+    "a message whose text spells a template token (`<|user|>`, `<|assistant|>`, `<|system|>`, `<|end|>`, "
+    "`<|endoftext|>`) is rendered into the prompt string and tokenised with special tokens parsed, so that text "
+    "becomes a real turn boundary: anyone who types it can forge system or assistant turns. Remove or escape such "
+    "text in untrusted messages before rendering (azgpt chat and finetune encode message text as plain text).")
 
 
 @dataclass(frozen=True)
@@ -87,11 +94,12 @@ class ChatTemplate:
         """Token ids of a conversation and, per id, whether it is response (an assistant's text or its end).
 
         ``add_generation_prompt`` appends ``<|assistant|>`` (not a response token) for the model to answer.
+        A message's text is encoded as text (``encode_text``): template tokens typed in it stay characters.
         """
         ids_of = self.token_ids(tokenizer)
         ids, response = [ids_of["eot"]], [False]
         for message in messages:
-            text = tokenizer.encode(message.content, add_special_tokens=False).ids
+            text = encode_text(tokenizer, message.content)
             is_reply = message.role == "assistant"
             ids += [ids_of[message.role], *text, ids_of["end"]]
             response += [False, *([is_reply] * len(text)), is_reply]
@@ -162,19 +170,40 @@ def parse_conversation(record: Any, where: str) -> list[Message]:
 def iter_conversations(path: str | Path) -> Iterator[list[Message]]:
     """Conversations of one jsonl file; blank lines are skipped; any bad line is an error naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise AzGPTError(f"instruction file {path} is a folder, not a .jsonl file: list the .jsonl files inside "
+                         f"it in data.files")
     if not path.is_file():
         raise AzGPTError(f"instruction file {path} does not exist: pass a .jsonl of {{\"prompt\", \"response\"}} "
                          f"or {{\"messages\"}} lines")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise AzGPTError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line): save the file as "
+                                 f"UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise AzGPTError(f"{where}: not valid JSON ({exc.msg})") from None
-            yield parse_conversation(record, where)
+            conversation = parse_conversation(record, where)
+            _check_text(conversation, where)
+            yield conversation
+
+
+def _check_text(conversation: list[Message], where: str) -> None:
+    """Refuse text JSON can carry but no tokenizer can read: an escaped lone surrogate such as ``"\\ud800"``."""
+    for number, message in enumerate(conversation, 1):
+        try:
+            message.content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise AzGPTError(f"{where}: message {number}'s text holds a lone surrogate "
+                             f"({message.content[exc.start]!r}), which is not a character: remove that \\u escape"
+                             ) from None
 
 
 def read_conversations(paths: Iterable[str | Path]) -> list[list[Message]]:

@@ -107,6 +107,9 @@ def limit_documents(documents: Iterable[str], max_docs: int | None = None,
             return
         if max_bytes is not None:
             size += len(document.encode("utf-8"))
+            if size > max_bytes and taken == 0:
+                raise AzGPTError(f"the corpus's first document alone is {size:,} bytes, more than --max_bytes "
+                                 f"{max_bytes:,}, and a slice takes whole documents only: raise --max_bytes")
             if size > max_bytes:
                 return
         taken += 1
@@ -184,8 +187,17 @@ def _iter_path(path: Path, text_field: str, errors: str, stats: CorpusStats) -> 
             yield from _iter_text(file, errors, stats)
 
 
+GZIP_MIN_BYTES = 18  # a 10-byte header and an 8-byte trailer: any shorter ".gz" is not a gzip file
+
+
 def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    if not path.name.lower().endswith(".gz"):
+        return open(path, "rb")
+    size = path.stat().st_size
+    if size < GZIP_MIN_BYTES:  # Python's gzip reads such a file as empty text; zcat refuses it
+        raise AzGPTError(f"{path}: not a readable gzip file ({size} bytes, shorter than any gzip file): "
+                         f"re-compress it, or remove it from the corpus")
+    return gzip.open(path, "rb")
 
 
 def _decoded_lines(path: Path, errors: str, stats: CorpusStats) -> Iterator[tuple[int, str, bool]]:

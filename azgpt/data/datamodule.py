@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from azgpt.errors import AzGPTError
-from azgpt.data.prepare import OUTPUT_FILES, PrepareConfig, prepare, read_meta, token_dtype
+from azgpt.data.prepare import (OUTPUT_FILES, PrepareConfig, prepare, prepared_from_other_data, read_meta,
+                                token_dtype)
 from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
 
 _WAIT_FOR_PREPARE_SECONDS = 3600
@@ -239,6 +240,9 @@ class AzGPTDataModule(L.LightningDataModule):
             raise AzGPTError(f"{self.data_dir} has no meta.json: run azgpt prepare --out {self.data_dir}, "
                              f"or call prepare_data() first")
         meta = read_meta(self.data_dir)
+        difference = prepared_from_other_data(self.data_dir, meta, self.corpus, self.val_corpus, self.max_bytes)
+        if difference:
+            raise AzGPTError(difference)
         tokenizer = load_tokenizer(self.data_dir / meta.get("tokenizer_file", "tokenizer.json"))
         self._check_consistency(meta, tokenizer)
         self._train = self._open_tokens("train.npy")

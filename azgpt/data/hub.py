@@ -86,6 +86,9 @@ def parse_hub_corpus(source: str) -> tuple[HubSpec, NamedCorpus | None]:
             query = {"split": split}
         if not name:
             raise AzGPTError(f"corpus {source!r} names no dataset: write hf:NAME?config=C&split=S&text_field=F")
+        if Path(name).is_file():
+            raise AzGPTError(f"corpus {source!r}: {name} is a file, and hf: takes a dataset's name or a folder laid "
+                             f"out like a Hub dataset: pass the file itself (--corpus {name})")
         spec = HubSpec(name)
     return replace(spec, **query), named
 
@@ -105,6 +108,10 @@ def _split_query(source: str) -> tuple[str, dict[str, str]]:
     if unknown or not pairs:
         raise AzGPTError(f"corpus {source!r}: unknown query key {', '.join(unknown) or query!r}; the keys are "
                          f"{', '.join(QUERY_KEYS)} (e.g. hf:NAME?config=C&split=S&text_field=F)")
+    repeated = sorted({k for k, _ in pairs if sum(key == k for key, _ in pairs) > 1})
+    if repeated:
+        values = ", ".join(v for k, v in pairs if k == repeated[0])
+        raise AzGPTError(f"corpus {source!r}: {repeated[0]}= is given more than once ({values}): keep one")
     empty = [k for k, v in pairs if not v]
     if empty:
         raise AzGPTError(f"corpus {source!r}: {empty[0]}= has no value")

@@ -154,7 +154,8 @@ class InstructionDataModule(L.LightningDataModule):
 
         return {"source": [str(f) for f in self.files], "normalization": self.template.to_dict()["format"],
                 "tokenizer_sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.get_vocab_size(),
-                "splits": {"train": {"tokens": counted(self._train)}, "val": {"tokens": counted(self._val)}}}
+                "splits": {"train": {"tokens": counted(self._train), "conversations": len(self._train)},
+                           "val": {"tokens": counted(self._val), "conversations": len(self._val)}}}
 
     def _data_parallel(self) -> tuple[int, int]:
         trainer = self.trainer

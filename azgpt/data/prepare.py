@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import FolderLock, create_exclusive, write_error, write_text_exclusive
-from azgpt.data.corpus import CorpusStats, iter_documents, limit_documents, resolve_corpus_files
+from azgpt.data.corpus import GZIP_MIN_BYTES, CorpusStats, iter_documents, limit_documents, resolve_corpus_files
 from azgpt.data.hub import is_hub_corpus, provenance
 from azgpt.errors import AzGPTError
 from azgpt.data.tokenizer import (
@@ -318,6 +318,8 @@ def _expected_text_bytes(sources: Sequence[str]) -> int | None:
             return None
         path = Path(source)
         if path.name.lower().endswith(".gz"):
+            if path.stat().st_size < GZIP_MIN_BYTES:
+                continue  # not a gzip file at all: the corpus reader refuses it, naming it
             with open(path, "rb") as handle:  # gzip's trailer holds the uncompressed size (mod 4 GiB)
                 handle.seek(-4, os.SEEK_END)
                 total += int.from_bytes(handle.read(4), "little")
@@ -403,10 +405,68 @@ def _check_existing_output(config: PrepareConfig, sha: str, sources: Sequence[st
         raise AzGPTError(f"--out {config.out} holds token files made by a different tokenizer "
                          f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]}..., this one {sha[:12]}...): "
                          f"pass --overwrite to replace them, or choose another folder")
-    if _comparable(meta.get("source") or []) != _comparable(sources):
-        before = ", ".join(str(s) for s in meta.get("source") or []) or "unknown"
-        raise AzGPTError(f"--out {config.out} holds token files of another corpus ({before}), not of "
-                         f"{', '.join(sources)}: pass --overwrite to replace them, or choose another folder")
+    difference = prepared_from_other_data(config.out, meta, config.corpus, config.val_corpus, config.max_bytes,
+                                          option="--", remedy="pass --overwrite to replace them, or choose another "
+                                                              "folder", null_accepts_any=False)
+    if difference:
+        raise AzGPTError(f"--out {config.out} holds token files of other data: {difference}")
+
+
+def _as_prepared(sources: Sequence[str | Path] | None) -> list[str]:
+    """What prepare would record as the sources of ``sources``, without requiring them to exist still (a folder
+    prepared from a file that has since moved must keep working) or the datasets package."""
+    if sources is None:
+        return resolve_corpus_files(None)
+    listed: list[str] = []
+    for source in dict.fromkeys(str(s) for s in sources):  # prepare drops repeated sources too
+        try:
+            listed += [source] if is_hub_corpus(source) else resolve_corpus_files([source])
+        except AzGPTError:
+            listed.append(source)
+    return listed
+
+
+def _same_sources(recorded: Sequence[str], configured: Sequence[str], sample: bool) -> bool:
+    if sample:  # the sample corpus moves with each install: its files' names are what identify it
+        return sorted(Path(s).name for s in recorded) == sorted(Path(s).name for s in configured)
+    return _comparable(recorded) == _comparable(configured)
+
+
+def prepared_from_other_data(data_dir: Path, meta: dict, corpus: Sequence[str] | None,
+                             val_corpus: Sequence[str] | None, max_bytes: str | None, option: str = "data.",
+                             remedy: str | None = None, null_accepts_any: bool = True) -> str | None:
+    """Why the token files in ``data_dir`` (described by ``meta``) are not what ``corpus``, ``val_corpus`` and
+    ``max_bytes`` would prepare, in one line naming both sides (options spelled ``{option}corpus``); None when
+    they are. With ``null_accepts_any`` (fit's reading) a setting left null accepts what the folder holds, so
+    ``azgpt prepare --corpus mine/ --out d`` then ``fit --config quickstart.yaml --data.data_dir d`` works; for
+    prepare itself a null corpus means the sample corpus and is compared like any other."""
+    remedy = remedy or (f"point data.data_dir at a new folder to prepare this data there, or delete {data_dir} (or "
+                        f"run azgpt prepare --out {data_dir} --overwrite) to prepare it again")
+    recorded = [str(s) for s in meta.get("source") or []]
+    if corpus is None and null_accepts_any:
+        pass
+    elif recorded and not _same_sources(recorded, _as_prepared(corpus), corpus is None):
+        wanted = "null (the sample corpus)" if corpus is None else ", ".join(map(str, corpus))
+        had = ("the sample corpus" if _same_sources(recorded, _as_prepared(None), sample=True)
+               else ", ".join(recorded))
+        return f"{option}corpus is {wanted} but {data_dir} was prepared from {had}: {remedy}"
+    recorded_val = [str(s) for s in meta.get("val_source") or []]
+    configured_val = _as_prepared(val_corpus) if val_corpus else []
+    if val_corpus is None and null_accepts_any:
+        pass
+    elif ("source" in meta and (bool(recorded_val) != bool(configured_val)
+                              or (recorded_val and not _same_sources(recorded_val, configured_val, False)))):
+        wanted = ", ".join(map(str, val_corpus)) if val_corpus else "null (val_fraction of the corpus)"
+        had = ", ".join(recorded_val) if recorded_val else f"val_fraction {meta.get('val_fraction')} of the corpus"
+        return f"{option}val_corpus is {wanted} but {data_dir} took its validation text from {had}: {remedy}"
+    recorded_bytes = (meta.get("slice") or {}).get("max_bytes")
+    wanted_bytes = parse_size(max_bytes, f"{option}max_bytes")
+    if "source" in meta and recorded_bytes != wanted_bytes and not (max_bytes is None and null_accepts_any):
+        def shown(size: int | None) -> str:
+            return "null (all of it)" if size is None else f"{size:,} bytes"
+        return (f"{option}max_bytes is {shown(wanted_bytes)} but {data_dir} was prepared from a slice of "
+                f"{shown(recorded_bytes)}: {remedy}")
+    return None
 
 
 def _comparable(sources: Sequence[str]) -> list[str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -190,6 +192,34 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
 
 def eot_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(EOT)
+
+
+def bits_per_byte(nll: Any, n_bytes: Any) -> Any:
+    """Bits per UTF-8 byte from a total NLL in nats over text of ``n_bytes`` bytes (floats or tensors): comparable
+    across tokenizers and vocabulary sizes, unlike a loss per token."""
+    return nll / (math.log(2) * n_bytes)
+
+
+# id(tokenizer) -> (tokenizer, its vocabulary size with added tokens, a copy that reads special tokens as text)
+_TEXT_ONLY: dict[int, tuple[Tokenizer, int, Tokenizer]] = {}
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` as plain text: a special token spelled in it (``<|endoftext|>``, ``<|user|>``...) is
+    encoded as its characters, never as the token, so user text cannot forge a document or a chat turn.
+
+    ``tokenizers`` has the switch (``encode_special_tokens``) only on the tokenizer object; it is set on a cached
+    copy so that the caller's tokenizer, possibly shared between threads, is never toggled.
+    """
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    cached = _TEXT_ONLY.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer or cached[1] != size:
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        copy.encode_special_tokens = True
+        if len(_TEXT_ONLY) >= 8:
+            _TEXT_ONLY.clear()
+        cached = _TEXT_ONLY[id(tokenizer)] = (tokenizer, size, copy)
+    return cached[2].encode(text, add_special_tokens=False).ids
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:

@@ -18,6 +18,7 @@ from azgpt.train.loggers import can_hold_text, log_text
 from azgpt.train.precision import measure_matmul_flops, precision_dtype, synchronize
 from azgpt.train.time_budget import PROVISIONAL_STEPS
 from azgpt.data.tokenizer import tokenizer_from_json
+from azgpt.train.lightning_private import should_accumulate
 
 
 class TrainingSpeed(L.Callback):
@@ -74,7 +75,7 @@ class TrainingSpeed(L.Callback):
         tokens = batch[0].numel() * trainer.world_size
         self._tokens += tokens
         self._window_tokens += tokens
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             return
         self._last_step_end = time.perf_counter()
         every = trainer.log_every_n_steps

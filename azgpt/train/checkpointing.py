@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from azgpt.atomic import create_exclusive, fsync_folder, write_error
 from azgpt.checkpoint import UnsafeCheckpointError, load_checkpoint_file, non_finite_weights
+from azgpt.train.lightning_private import save_last_now
 from azgpt.errors import AzGPTError
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -141,10 +142,8 @@ class SaveLastAtEnd(L.Callback):
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         for callback in trainer.checkpoint_callbacks:
-            if (isinstance(callback, ModelCheckpoint) and callback.save_last
-                    and callback._last_global_step_saved != trainer.global_step):
-                # The private helper names, versions and records last.ckpt exactly as ModelCheckpoint does.
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                save_last_now(callback, trainer)
 
 
 # -- reading and choosing -----------------------------------------------------------------------------
@@ -168,11 +167,12 @@ def _newest_first(paths: Iterable[Path]) -> list[Path]:
     return [path for *_, path in sorted(stamped, reverse=True)]
 
 
-def resolve_last_checkpoint(folders: Iterable[Path]) -> Path:
+def resolve_last_checkpoint(folders: Iterable[Path], asked: str = "last") -> Path:
     """The newest ``last*.ckpt`` in ``folders``; if it is missing or unreadable, the newest readable checkpoint.
 
     Falling back warns with both names. Nothing readable at all is an ``AzGPTError``: resuming must never
-    quietly become a new run from step 0.
+    quietly become a new run from step 0. ``asked`` is the ``--ckpt_path`` the messages name (``best`` reads
+    the best checkpoint's name from the last one).
     """
     folders = [Path(f) for f in folders]
     where = ", ".join(str(f) for f in folders) or "(no checkpoint folder)"
@@ -182,7 +182,7 @@ def resolve_last_checkpoint(folders: Iterable[Path]) -> Path:
         rank_zero_warn(f"azgpt: {len(leftovers)} unfinished checkpoint write(s) from a killed run (e.g. "
                        f"{leftovers[0]}): ignored, and safe to delete")
     if not found:
-        raise AzGPTError(f"--ckpt_path last: no checkpoint in {where}; drop --ckpt_path to start a new run, "
+        raise AzGPTError(f"--ckpt_path {asked}: no checkpoint in {where}; drop --ckpt_path to start a new run, "
                          f"or pass the path of a .ckpt file")
     lasts = [p for p in found if LAST_NAME.match(p.name)]
     wanted = lasts[0] if lasts else None
@@ -206,16 +206,16 @@ def resolve_last_checkpoint(folders: Iterable[Path]) -> Path:
             problems.append(str(exc))
             continue
         missing = f"{wanted} is unreadable" if wanted is not None else f"there is no last.ckpt in {where}"
-        rank_zero_warn(f"azgpt: --ckpt_path last: {missing}; resuming instead from {candidate} "
+        rank_zero_warn(f"azgpt: --ckpt_path {asked}: {missing}; resuming instead from {candidate} "
                        f"(step {step}), the newest readable checkpoint")
         return candidate
-    raise AzGPTError(f"--ckpt_path last: no readable checkpoint in {where}: " + "; ".join(problems))
+    raise AzGPTError(f"--ckpt_path {asked}: no readable checkpoint in {where}: " + "; ".join(problems))
 
 
 def resolve_best_checkpoint(folders: Iterable[Path]) -> Path:
     """The best checkpoint ``ModelCheckpoint`` recorded in the run's newest last checkpoint (read, never guessed)."""
     folders = list(folders)
-    last = resolve_last_checkpoint(folders)
+    last = resolve_last_checkpoint(folders, asked="best")
     states = load_checkpoint_file(last, mmap=True).get("callbacks") or {}
     recorded = [state.get("best_model_path") for key, state in states.items()
                 if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor")]

@@ -12,12 +12,15 @@ import inspect
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
-from azgpt.checkpoint import ARCHITECTURE_KEYS, load_checkpoint, load_checkpoint_file
+from azgpt.artifact import load_model
+from azgpt.checkpoint import ARCHITECTURE_KEYS, Checkpoint, load_checkpoint_file
 from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
+from azgpt.errors import AzGPTError
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
-from azgpt.train.module import AzGPT, CompileSetting, check_same_architecture
+from azgpt.train.module import OPTIMIZERS, AzGPT, CompileSetting, check_same_architecture
 
 EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tensor under both names when tied
 
@@ -37,6 +40,13 @@ def resize_token_embedding(weight: torch.Tensor, rows: int, known_tokens: int, n
     return resized
 
 
+def trained_with_optimizer(base: Checkpoint) -> str:
+    """The optimizer ``base`` was trained with: its checkpoint's hyperparameters or its model folder's meta.json."""
+    recorded = (base.raw.get("hyper_parameters") or {}).get("optimizer")
+    recorded = recorded or ((base.raw.get("meta") or {}).get("training") or {}).get("optimizer")
+    return recorded if recorded in OPTIMIZERS else "adamw"
+
+
 class AzGPTFinetune(AzGPT):
     """AzGPT started from a pretrained checkpoint, its vocabulary grown by the chat template's tokens.
 
@@ -45,8 +55,11 @@ class AzGPTFinetune(AzGPT):
         vocab_size, block_size, n_layer, n_head, n_embd, bias, activation: the architecture, taken from
             ``init_from`` (leave them unset; a value that differs from the checkpoint's is refused).
         dropout: dropout while fine-tuning (None: the checkpoint's).
-        learning_rate, min_lr_ratio, warmup_steps, decay_steps, weight_decay, beta1, beta2, eps, compile: as
-            for ``fit`` (see AzGPT); a new optimizer and schedule start at step 0.
+        optimizer: adamw or muon (None: the one the base model was trained with, so a modern-recipe model keeps
+            Muon for its block matrices; adamw where the base does not say).
+        muon_lr, muon_momentum, muon_warmup_steps, learning_rate, min_lr_ratio, warmup_steps, decay_steps,
+            weight_decay, beta1, beta2, eps, compile: as for ``fit`` (see AzGPT); a new optimizer and schedule
+            start at step 0.
     """
 
     def __init__(
@@ -60,6 +73,10 @@ class AzGPTFinetune(AzGPT):
         dropout: float | None = None,
         bias: bool | None = None,
         activation: str | None = None,
+        optimizer: str | None = None,
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_warmup_steps: int = 0,
         learning_rate: float = 3e-4,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 10,
@@ -70,7 +87,7 @@ class AzGPTFinetune(AzGPT):
         eps: float = 1e-8,
         compile: CompileSetting = False,
     ) -> None:
-        base = load_checkpoint(init_from)
+        base = load_model(init_from)
         tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(base.tokenizer)
         known = base.tokenizer.get_vocab_size()
         new_ids = [i for i in DEFAULT_TEMPLATE.token_ids(tokenizer).values() if i >= known]
@@ -79,7 +96,13 @@ class AzGPTFinetune(AzGPT):
         configured = {"vocab_size": vocab_size, "block_size": block_size, "n_layer": n_layer, "n_head": n_head,
                       "n_embd": n_embd, "bias": bias, "activation": activation}
         check_same_architecture(architecture, {k: v for k, v in configured.items() if v is not None})
-        settings = dict(dropout=base.config.dropout if dropout is None else dropout, learning_rate=learning_rate,
+        if optimizer is None:
+            optimizer = trained_with_optimizer(base)
+            rank_zero_info(f"azgpt finetune: optimizer {optimizer}, as the base model was trained "
+                           f"(model.optimizer changes it)")
+        settings = dict(dropout=base.config.dropout if dropout is None else dropout, optimizer=optimizer,
+                        muon_lr=muon_lr, muon_momentum=muon_momentum, muon_warmup_steps=muon_warmup_steps,
+                        learning_rate=learning_rate,
                         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, decay_steps=decay_steps,
                         weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, compile=compile)
         super().__init__(**architecture, **settings)
@@ -109,13 +132,21 @@ class FinetuneCLI(AzGPTCLI):
 
     def _parse_ckpt_path(self) -> None:
         """On resume the fine-tune's own hyperparameters replace the config's, as in fit; those that are not
-        AzGPTFinetune's options (architecture settings it reads from ``init_from``) are left to it."""
+        AzGPTFinetune's options (architecture settings it reads from ``init_from``) are left to it.
+
+        Overrides a private LightningCLI method (listed in azgpt/train/lightning_private.py): Lightning's own
+        would feed it every saved hyperparameter, which AzGPTFinetune's parser refuses."""
+        self._model_asked_for = None  # checked below against the options alone, not AzGPTCLI's whole model
         ckpt_path = self.config.fit.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         configured = {k: v for k, v in vars(self.config.fit.model).items() if v is not None}
         options = inspect.signature(self.model_class.__init__).parameters
         saved = load_checkpoint_file(ckpt_path).get("hyper_parameters") or {}
+        if "init_from" not in saved:  # what every fine-tune records; its vocabulary would differ by the template's
+            raise AzGPTError(f"--ckpt_path {ckpt_path} is not a fine-tune's checkpoint (it records no init_from): "
+                             f"--ckpt_path resumes a fine-tune; to start one from this model, pass it as "
+                             f"--model.init_from without --ckpt_path")
         saved = {key: value for key, value in saved.items() if key in options}
         self.config = self.parser.parse_object({"fit": {"model": saved}}, self.config)
         check_same_architecture(dict(vars(self.config.fit.model)), configured)

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +32,7 @@ class RunHistory:
     scalars: dict[str, list[Point]] = field(default_factory=dict)
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     wall_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be read and was left out
 
     def curve(self, tag: str) -> list[Point]:
         return self.scalars.get(tag, [])
@@ -82,23 +84,48 @@ def _read_tensorboard(run_dir: Path) -> RunHistory:
 
 
 def _read_csv(run_dir: Path) -> RunHistory:
-    history = RunHistory(source=f"CSVLogger's {run_dir / 'metrics.csv'}")
-    with (run_dir / "metrics.csv").open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.pop("step")))
+    path = run_dir / "metrics.csv"
+    history = RunHistory(source=f"CSVLogger's {path}")
+    skipped = 0
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.DictReader(f)
+        if "step" not in (rows.fieldnames or []):
+            raise AzGPTError(f"{path} has no step column, so it is not a CSVLogger metrics.csv: pass the folder of "
+                             f"a run written by lightning.pytorch.loggers.CSVLogger")
+        for row in rows:
+            step = _number(row.pop("step"))
+            if step is None or not math.isfinite(step):
+                skipped += 1
+                continue
             for tag, value in row.items():
-                if value not in ("", None) and tag != "epoch":
-                    history.add(tag, step, float(value))
+                if value in ("", None) or tag in ("epoch", None):
+                    continue
+                number = _number(value)
+                if number is None:
+                    skipped += 1
+                else:
+                    history.add(tag, int(step), number)
+    if skipped:
+        history.notes.append(f"{path}: left out {skipped} values that are not numbers")
     text_file = run_dir / "text.csv"
     if text_file.is_file():
         with text_file.open(newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
-                history.texts.setdefault(row["tag"], []).append((int(row["step"]), row["text"]))
+                step = _number(row.get("step"))
+                if step is not None and math.isfinite(step) and row.get("tag") is not None:
+                    history.texts.setdefault(row["tag"], []).append((int(step), row.get("text") or ""))
     # CSVLogger keeps no clock: from the config LightningCLI writes at the start to the last metrics written.
     started = [p.stat().st_mtime for p in (run_dir / "config.yaml", run_dir / "hparams.yaml") if p.is_file()]
     if started:
         history.wall_seconds = (run_dir / "metrics.csv").stat().st_mtime - min(started)
     return history.finish()
+
+
+def _number(text: object) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def _find_wandb_file(run_dir: Path) -> Path | None:
@@ -110,6 +137,25 @@ def _find_wandb_file(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def wait_for_wandb_file(run_dir: Path, timeout: float = 15.0, poll: float = 0.5) -> bool:
+    """Wait until the W&B run file of ``run_dir`` holds history records and stops growing; False at ``timeout``.
+
+    W&B's core writes the file in another process, which may still be flushing when ``finish()`` returns: a report
+    read at once sometimes found no logged values yet.
+    """
+    deadline = time.monotonic() + timeout
+    previous = -1
+    while True:
+        path = _find_wandb_file(run_dir)
+        size = path.stat().st_size if path is not None and path.is_file() else -1
+        if size >= 0 and size == previous and any(r.HasField("history") for r in wandb_records(path)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        previous = size
+        time.sleep(poll)
+
+
 # W&B writes its records in LevelDB's log format (32 KiB blocks of CRC-framed chunks) after a 7-byte header;
 # wandb >= 0.19 reads it only in its Go core, so the framing is undone here and each record parsed with
 # wandb's own protobuf schema.
@@ -119,8 +165,10 @@ _FILE_HEADER = b":W&B"
 
 
 def wandb_records(path: Path) -> list:
-    """Every record of a ``.wandb`` file, as ``wandb.proto.wandb_internal_pb2.Record`` messages."""
+    """Every complete record of a ``.wandb`` file, as ``wandb.proto.wandb_internal_pb2.Record`` messages (a file
+    cut mid-record, by a run still writing or a kill, is read up to its last complete record)."""
     try:
+        from google.protobuf.message import DecodeError
         from wandb.proto import wandb_internal_pb2
     except ImportError:
         raise AzGPTError(f"{path} is a Weights & Biases run: pip install 'azgpt[wandb]' to read it") from None
@@ -138,11 +186,16 @@ def wandb_records(path: Path) -> list:
         if kind == 0:  # zero padding up to the end of the block
             pos += left - _CHUNK_HEADER.size
             continue
+        if pos + length > len(data):
+            break  # the file ends inside this chunk
         pieces.append(data[pos:pos + length])
         pos += length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(pieces))
+            try:
+                record.ParseFromString(b"".join(pieces))
+            except DecodeError:
+                break  # a record the writer had not finished
             records.append(record)
             pieces = []
     return records

@@ -7,13 +7,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from azgpt.argv import list_flags, list_parameters
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
+from azgpt.train.loggers import run_dir
 from azgpt.train.module import AzGPT, check_same_architecture, with_recipe
 from azgpt.train.time_budget import TimeBudget, parse_budget
 from azgpt.train.trainer import choose_precision, with_azgpt_defaults
@@ -51,6 +55,25 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
     return resolved
 
 
+class RunFolderConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written into the run's own folder whatever the logger.
+
+    Lightning writes it to ``trainer.log_dir``, which under W&B is the ``save_dir`` every run shares (the current
+    folder), so each run overwrote the last's and ``azgpt report`` could not tell a run's data. Here it goes
+    beside the run's checkpoints and report (``azgpt.train.loggers.run_dir``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        # Rank zero only (Lightning calls it there): no trainer.log_dir, whose broadcast the other ranks would miss.
+        folder = run_dir(trainer) or Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
+                         multifile=self.multifile)
+
+
 class AzGPTCLI(LightningCLI):
     """Links the data's vocabulary and block size into the model and counts validation in optimizer steps.
 
@@ -73,6 +96,9 @@ class AzGPTCLI(LightningCLI):
             # Before LightningCLI itself opens the file (for its hyperparameters) and before fit() does.
             trainer = config.trainer.as_dict() if hasattr(config.trainer, "as_dict") else dict(config.trainer)
             config.ckpt_path = resolve_checkpoint(str(config.ckpt_path), checkpoint_folders(trainer))
+            # LightningCLI then replaces the model's settings with the checkpoint's hyperparameters; what the user
+            # asked for is kept here and compared in before_instantiate_classes.
+            self._model_asked_for = dict(vars(config.model))
 
     links = (("data.vocab_size", "model.vocab_size"), ("data.block_size", "model.block_size"))
 
@@ -90,18 +116,13 @@ class AzGPTCLI(LightningCLI):
                                  "1h30min): azgpt measures its speed, plans the steps that end on time and "
                                  "re-plans if the speed changes (azgpt.train.time_budget; null: max_steps).")
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning replaces the model's config with the checkpoint's hyperparameters here; refuse rather
-        # than silently drop an architecture the user asked for.
-        subcommand = self.config.get("subcommand")
-        configured = dict(vars(self.config[subcommand].model)) if subcommand else {}
-        super()._parse_ckpt_path()
-        if subcommand:
-            check_same_architecture(with_recipe(dict(vars(self.config[subcommand].model))), with_recipe(configured))
-
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        asked_for = getattr(self, "_model_asked_for", None)
+        if asked_for is not None:  # refuse rather than silently drop an architecture the user asked for
+            check_same_architecture(with_recipe(dict(vars(config.model))), with_recipe(asked_for))
         trainer = config.trainer
+        check_gpu_present(trainer.accelerator, config.get("config") or [])
         trainer.precision = choose_precision(trainer.accelerator, trainer.precision)
         every = config.get("val_every_n_steps")
         if every is not None:
@@ -119,6 +140,9 @@ class AzGPTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ModuleNotFoundError, ValueError) as exc:  # e.g. a logger whose package is missing
+            own = _azgpt_cause(exc)  # a callback's own check, wrapped by jsonargparse in a ValueError
+            if own is not None:
+                raise own from None
             missing = exc
             while missing is not None and not isinstance(missing, ModuleNotFoundError):
                 missing = missing.__cause__ or missing.__context__  # jsonargparse wraps it in a ValueError
@@ -131,8 +155,9 @@ class AzGPTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer ``build_trainer`` would make: azgpt's plugins and callbacks unless the config has its own."""
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
-        defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks",
-                                                                          "enable_progress_bar")})
+        defaults = with_azgpt_defaults({key: trainer.get(key) for key in ("plugins", "callbacks", "logger",
+                                                                          "enable_progress_bar",
+                                                                          "enable_checkpointing")})
         kwargs.setdefault("plugins", defaults["plugins"])
         callbacks = defaults["callbacks"]
         patience = self.config[self.subcommand].get("early_stopping") if self.subcommand else None
@@ -152,6 +177,39 @@ class AzGPTCLI(LightningCLI):
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
 
+def check_gpu_present(accelerator: object, config_files: list) -> None:
+    """Refuse, in one line naming the config that asks, a GPU accelerator on a machine with none (Lightning
+    would stop with a traceback: "No supported gpu backend found!")."""
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if accelerator == "gpu" and torch.backends.mps.is_available():
+        return
+    asking = [str(path) for path in config_files if _sets_accelerator(path)]
+    source = f" (set by {asking[-1]})" if asking else ""
+    raise AzGPTError(f"trainer.accelerator is {accelerator}{source} but torch finds no GPU on this machine: run "
+                     f"without that config, or to try DDP on CPUs add --trainer.accelerator cpu --trainer.devices 2")
+
+
+def _sets_accelerator(path: object) -> bool:
+    try:
+        content = yaml.safe_load(Path(str(path)).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    trainer = content.get("trainer") if isinstance(content, dict) else None
+    return isinstance(trainer, dict) and trainer.get("accelerator") in ("gpu", "cuda")
+
+
+def _azgpt_cause(exc: BaseException) -> AzGPTError | None:
+    """The first ``AzGPTError`` in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, AzGPTError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_lightning_cli(argv: list[str], cli_class: type[AzGPTCLI] = AzGPTCLI, model_class: type = AzGPT,
                       datamodule_class: type = AzGPTDataModule) -> AzGPTCLI:
     """Run ``fit`` / ``validate`` / ``test`` (and ``--help`` / ``--print_config``) as on the command line."""
@@ -161,9 +219,11 @@ def run_lightning_cli(argv: list[str], cli_class: type[AzGPTCLI] = AzGPTCLI, mod
     # Mixed precision keeps fp32 weights, so the summary's fallback to 32 bits gives the right size anyway.
     warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "azgpt", *resolve_config_arguments(argv)]
+    lists = list_parameters(model_class, "--model.") | list_parameters(datamodule_class, "--data.")
+    argv = list_flags(resolve_config_arguments(argv), {name.removeprefix("--") for name in lists})
+    sys.argv = [saved_argv[0] if saved_argv else "azgpt", *argv]
     try:
         return cli_class(model_class, datamodule_class, seed_everything_default=1337,
-                         save_config_kwargs={"overwrite": True})
+                         save_config_callback=RunFolderConfig, save_config_kwargs={"overwrite": True})
     finally:
         sys.argv = saved_argv

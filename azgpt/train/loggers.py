@@ -7,6 +7,7 @@ interface has scalars only, so text goes to each backend its own way here.
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +32,29 @@ def run_dir(trainer: L.Trainer) -> Path | None:
     return Path(save_dir) / str(logger.name) / version
 
 
+class NoEmptyRunFolder(L.Callback):
+    """A run that fails before anything is logged (bad data, a bad option found at setup) leaves no empty
+    ``version_N`` folder behind: the logger creates it at setup, before the data is read."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        folder = run_dir(trainer) if trainer.is_global_zero else None
+        if folder is not None and folder.is_dir() and not folder.is_symlink() and _holds_nothing(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# TensorBoard starts each events file with one record naming its format (88 bytes); anything logged adds more.
+_EMPTY_EVENTS_BYTES = 128
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """Whether ``folder`` holds at most TensorBoard events files that have no record yet."""
+    for path in folder.iterdir():
+        if not (path.name.startswith("events.out.tfevents.") and path.is_file() and not path.is_symlink()
+                and path.stat().st_size <= _EMPTY_EVENTS_BYTES):
+            return False
+    return True
+
+
 def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
     """Write ``text`` under ``tag`` at the current step to every logger that can hold text (rank zero only).
 
@@ -43,7 +67,7 @@ def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             _append_csv(Path(logger.log_dir) / TEXT_FILE, step, tag, text)
-        elif _is_wandb(logger):
+        elif is_wandb(logger):
             logger.log_text(key=tag, columns=["step", "text"], data=[[str(step), text]])
         elif hasattr(logger.experiment, "add_text"):
             logger.experiment.add_text(tag, text, global_step=step)
@@ -56,7 +80,7 @@ def flush(trainer: L.Trainer) -> None:
     ``trainer.test`` under W&B needs a new ``WandbLogger``).
     """
     for logger in trainer.loggers:
-        if _is_wandb(logger):
+        if is_wandb(logger):
             logger.experiment.finish()
         else:
             logger.save()
@@ -64,10 +88,10 @@ def flush(trainer: L.Trainer) -> None:
 
 def can_hold_text(logger: Logger) -> bool:
     """Whether ``log_text`` writes anything to ``logger``."""
-    return isinstance(logger, CSVLogger) or _is_wandb(logger) or hasattr(logger.experiment, "add_text")
+    return isinstance(logger, CSVLogger) or is_wandb(logger) or hasattr(logger.experiment, "add_text")
 
 
-def _is_wandb(logger: Logger) -> bool:
+def is_wandb(logger: Logger) -> bool:
     return type(logger).__name__ == "WandbLogger"  # no import: wandb is an optional extra
 
 

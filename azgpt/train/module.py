@@ -20,7 +20,7 @@ from azgpt.errors import AzGPTError
 from azgpt.model import GPT, RECIPES, GPTConfig
 from azgpt.train.muon import Muon, MuonWithAdamW, hidden_matrices
 from azgpt.train.numerics import UpdateGuard
-from azgpt.data.tokenizer import token_byte_lengths, tokenizer_from_json, tokenizer_sha256
+from azgpt.data.tokenizer import bits_per_byte, token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 DATA_SUMMARY_KEYS = ("source", "corpora", "normalization", "tokenizer_sha256")
 OPTIMIZERS = ("adamw", "muon")
@@ -389,7 +389,7 @@ class AzGPT(L.LightningModule):
         loss = nll / tokens
         metrics = {"val_loss": loss, "val_ppl": torch.exp(loss)}
         if self.byte_lengths.numel():
-            metrics["val_bpb"] = nll / (math.log(2) * self.val_bytes.compute())
+            metrics["val_bpb"] = bits_per_byte(nll, self.val_bytes.compute())
         self.log_dict(metrics, prog_bar=True, add_dataloader_idx=False)
         if self.train_eval_tokens.update_called:  # only while fitting: the training blocks are a second loader then
             train_loss = self.train_eval_nll.compute() / self.train_eval_tokens.compute()

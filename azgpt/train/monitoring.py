@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from azgpt.errors import AzGPTError
 from azgpt.train.loggers import log_text
+from azgpt.train.lightning_private import should_accumulate
 
 # TensorBoard's Custom Scalars tab: each chart overlays the listed tags (regular expressions, anchored here).
 CHART_LAYOUT = {
@@ -153,7 +154,7 @@ class DeviceHealth(DeviceStatsMonitor):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             return
         every = trainer.log_every_n_steps
         if not every or trainer.global_step % every != 0:

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from azgpt.errors import AzGPTError
+from azgpt.train.lightning_private import unscaled_already
 
 
 class NonFiniteError(AzGPTError):
@@ -48,8 +49,7 @@ class UpdateGuard:
         scaler = gradient_scaler(trainer)
         if scaler is None or not scaler.is_enabled() or not getattr(optimizer, "_step_supports_amp_scaling", False):
             return
-        state = scaler._per_optimizer_states[id(optimizer)]  # no public way to ask "already unscaled?"
-        if state["stage"].name == "READY":
+        if not unscaled_already(scaler, optimizer):
             scaler.unscale_(optimizer)
 
     def check(self, trainer: L.Trainer, grad_norm: torch.Tensor, loss: torch.Tensor | None) -> None:

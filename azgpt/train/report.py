@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from azgpt.atomic import atomic_file, write_error
 from azgpt.errors import AzGPTError
-from azgpt.train.history import RunHistory, finite, read_history
-from azgpt.train.loggers import flush, run_dir as trainer_run_dir
+from azgpt.train.history import RunHistory, finite, read_history, wait_for_wandb_file
+from azgpt.train.loggers import flush, is_wandb, run_dir as trainer_run_dir
 from azgpt.train.monitoring import Evaluation, OverfitAlarm
 
 SUMMARY_TAGS = ("val_loss", "val_ppl", "val_bpb", "train_eval_loss", "train_eval_ppl", "overfit_gap", "train_loss")
@@ -35,14 +37,28 @@ PANELS = (
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.png`` and ``report.md`` into ``run_dir``; returns their paths."""
+    """Write ``report.png`` and ``report.md`` into ``run_dir``; returns their paths. What cannot be read is left
+    out with a note on stderr; each file appears only when complete."""
     run_dir = Path(run_dir)
     history = read_history(run_dir)
     if not history.scalars:
         raise AzGPTError(f"{run_dir} holds a run with no logged values yet: train for a few steps first")
+    config = _run_config(run_dir, history.notes)
+    for note in history.notes:
+        print(f"azgpt report: note: {note}", file=sys.stderr)
     png, md = run_dir / "report.png", run_dir / "report.md"
-    _plot(history, run_dir, png)
-    md.write_text(_markdown(history, run_dir), encoding="utf-8")
+    text = _markdown(history, run_dir, config)
+    try:
+        with atomic_file(png) as partial:
+            _plot(history, run_dir, partial)
+        with atomic_file(md) as partial:
+            partial.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        error = write_error(exc, run_dir, "the report into", "copy the run folder somewhere writable and run "
+                                                             "azgpt report there")
+        if error is None:
+            raise
+        raise error from None
     return png, md
 
 
@@ -73,6 +89,9 @@ class RunReport(L.Callback):
         if not trainer.is_global_zero or folder is None:
             return
         flush(trainer)  # so the files hold the last steps
+        if any(is_wandb(logger) for logger in trainer.loggers) and not wait_for_wandb_file(folder):
+            rank_zero_info(f"azgpt: W&B's run file for {folder} is still being written; azgpt report {folder} "
+                           f"writes the report once it is")
         try:
             png, md = write_report(folder)
         except AzGPTError as exc:  # e.g. a logger azgpt cannot read back: the run itself is fine
@@ -110,14 +129,13 @@ def _plot(history: RunHistory, run_dir: Path, out: Path) -> None:
         axis.set_visible(False)
     figure.suptitle(f"{run_dir}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    figure.savefig(out, dpi=100, format="png")  # out may be a temporary name without .png
     plt.close(figure)
 
 
 # -- the numbers ---------------------------------------------------------------------------------------
 
-def _markdown(history: RunHistory, run_dir: Path) -> str:
-    config = _run_config(run_dir)
+def _markdown(history: RunHistory, run_dir: Path, config: dict[str, Any]) -> str:
     lines = [f"# Run report: {run_dir}", "", f"Read from {history.source}.", "", "## Metrics", "",
              "| metric | final | at step | best | at step |", "|---|---|---|---|---|"]
     for tag in SUMMARY_TAGS:
@@ -142,22 +160,29 @@ def _markdown(history: RunHistory, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml (LightningCLI writes it beside the logs), or {}."""
+def _run_config(run_dir: Path, notes: list[str]) -> dict[str, Any]:
+    """The run's config.yaml (LightningCLI writes it beside the logs), or {} with a note in ``notes``."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+        config = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, yaml.YAMLError) as exc:
+        notes.append(f"{path} cannot be read ({type(exc).__name__}); the data lines and verdict leave it out")
         return {}
+    if config is not None and not isinstance(config, dict):
+        notes.append(f"{path} holds a {type(config).__name__}, not settings; the data lines and verdict leave it "
+                     f"out")
+        return {}
+    return config or {}
 
 
 def _data_lines(config: dict[str, Any], run_dir: Path, tokens: float | None) -> list[str]:
-    data_dir = (config.get("data") or {}).get("data_dir")
-    if not data_dir:
+    data = config.get("data")
+    data_dir = data.get("data_dir") if isinstance(data, dict) else None
+    if not isinstance(data_dir, str) or not data_dir:
         return []
     # As given (relative to where fit ran), else relative to the folder holding lightning_logs/.
     meta_path = next((p for p in (Path(data_dir), run_dir.resolve().parent.parent / data_dir)
@@ -183,7 +208,9 @@ def _verdict(history: RunHistory, config: dict[str, Any]) -> str:
         return f"**Overfitting** (the alarm was raised at step {alerts[0][0]}): {alerts[0][1]}"
     if not common:
         return "No verdict: val_loss and train_eval_loss were not both logged."
-    alarm = OverfitAlarm(config.get("early_stopping") or 3)
+    patience = config.get("early_stopping")
+    alarm = OverfitAlarm(patience if isinstance(patience, int) and not isinstance(patience, bool) and patience > 0
+                         else 3)
     for i in range(len(common)):  # replay the alarm over the logged validations
         alarm.history = [Evaluation(s, val[s], train[s]) for s in common[:i + 1]]
         message = alarm.verdict()

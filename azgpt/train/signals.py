@@ -12,8 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.errors import TrainingInterrupted
+from azgpt.train.lightning_private import forget_sigterm, should_accumulate
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What AzGPT logs per optimizer step (module.py), written by hand for the step a stop ends on.
+STEP_METRICS = ("train_loss", "grad_norm")
 
 
 class GracefulStop(L.Callback):
@@ -39,7 +42,7 @@ class GracefulStop(L.Callback):
         self._announced = False
         if trainer.received_sigterm:  # arrived during setup, through Lightning's handler
             self._received = signal.SIGTERM
-            trainer._signal_connector.received_sigterm = False
+            forget_sigterm(trainer)
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in STOP_SIGNALS:
@@ -54,7 +57,7 @@ class GracefulStop(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             if self._received is not None and not self._announced:
                 self._announced = True
                 rank_zero_info(f"azgpt: received {signal.Signals(self._received).name}: finishing optimizer step "
@@ -66,9 +69,19 @@ class GracefulStop(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
+        self._log_final_step(trainer)
         path = str(self.checkpoint_path(trainer))
         trainer.save_checkpoint(path, False)  # False: the whole training state, not the weights alone
         raise TrainingInterrupted(self._received or signal.SIGTERM, trainer.global_step, path)
+
+    @staticmethod
+    def _log_final_step(trainer: L.Trainer) -> None:
+        """Write the finished step's loss: Lightning logs a step's metrics only after this hook, so the stop
+        raised here would leave the curve one point short of the checkpoint (and a resumed curve with a gap)."""
+        metrics = {key: float(trainer.callback_metrics[key]) for key in STEP_METRICS if key in trainer.callback_metrics}
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step - 1)  # Lightning's step of the same point
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

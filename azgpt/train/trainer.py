@@ -2,8 +2,10 @@
 
 ``build_trainer(**kwargs)`` is ``lightning.Trainer(**kwargs)`` plus azgpt's defaults, each added only when the
 caller did not bring its own: atomic checkpoint writes (``AtomicCheckpointIO``), a graceful stop on SIGTERM /
-SIGINT (``GracefulStop``), ``last.ckpt`` saved at the final step (``SaveLastAtEnd``), the data budget stated
-when fit starts (``DataBudgetCheck``), a progress bar that counts optimizer steps under accumulation, and on a
+SIGINT (``GracefulStop``), ``last.ckpt`` saved at the final step (``SaveLastAtEnd``, and a
+``ModelCheckpoint`` keeping it when the callbacks have none), the model folder written when training ends
+(``WriteModelFolder``), the data budget stated when fit starts (``DataBudgetCheck``), no empty run folder
+after a failed start (``NoEmptyRunFolder``), a progress bar that counts optimizer steps under accumulation, and on a
 CPU the faster of bf16-mixed and 32-true for a ``16-mixed`` request.
 """
 
@@ -14,12 +16,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.train.budget import DataBudgetCheck
 from azgpt.train.callbacks import StepProgressBar
 from azgpt.train.checkpointing import AtomicCheckpointIO, SaveLastAtEnd
+from azgpt.train.loggers import NoEmptyRunFolder
+from azgpt.train.model_folder import WriteModelFolder
 from azgpt.train.precision import resolve_cpu_precision
 from azgpt.train.signals import GracefulStop
 
@@ -54,17 +58,42 @@ def _with_default(items: list, kind: type, make: type) -> list:
     return items if any(isinstance(item, kind) for item in items) else [*items, make()]
 
 
+def _last_only() -> ModelCheckpoint:
+    """A ModelCheckpoint that keeps only ``last.ckpt`` (nothing to rank runs by without a monitored metric)."""
+    return ModelCheckpoint(save_last=True, save_top_k=0)
+
+
 def with_azgpt_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     """Trainer keyword arguments with azgpt's plugins and callbacks added where the caller has none."""
     settings = dict(settings)
     settings["plugins"] = _with_default(_as_list(settings.get("plugins")), CheckpointIO, AtomicCheckpointIO)
     callbacks = _with_default(_as_list(settings.get("callbacks")), GracefulStop, GracefulStop)
     callbacks = _with_default(callbacks, SaveLastAtEnd, SaveLastAtEnd)
+    if settings.get("enable_checkpointing") is not False:
+        # Every fit leaves last.ckpt, even when a config replaces the callbacks list (``--trainer.callbacks
+        # null``): without a ModelCheckpoint Lightning's default one saves only at epoch ends, which never come.
+        callbacks = _with_default(callbacks, ModelCheckpoint, _last_only)
+    callbacks = _with_default(callbacks, WriteModelFolder, WriteModelFolder)  # after last.ckpt, which it names
     callbacks = _with_default(callbacks, DataBudgetCheck, DataBudgetCheck)
+    callbacks = _with_default(callbacks, NoEmptyRunFolder, NoEmptyRunFolder)
     if settings.get("enable_progress_bar") is not False:
         callbacks = _with_default(callbacks, ProgressBar, StepProgressBar)
+    if settings.get("logger") is False:
+        callbacks = _without_logging_callbacks(callbacks)
     settings["callbacks"] = callbacks
     return settings
+
+
+# Callbacks that only write to a logger, and that Lightning refuses to start without one.
+LOGGING_ONLY = (LearningRateMonitor, DeviceStatsMonitor)
+
+
+def _without_logging_callbacks(callbacks: list) -> list:
+    """``callbacks`` less those with nothing to do under ``logger: false`` (Lightning would stop the run)."""
+    dropped = [type(c).__name__ for c in callbacks if isinstance(c, LOGGING_ONLY)]
+    if dropped:
+        rank_zero_info(f"azgpt: trainer.logger is false, so {', '.join(dropped)} (which only log) are left out")
+    return [c for c in callbacks if not isinstance(c, LOGGING_ONLY)]
 
 
 def build_trainer(**kwargs: Any) -> L.Trainer:

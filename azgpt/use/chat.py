@@ -22,10 +22,11 @@ from typing import TextIO
 
 import torch
 
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.chat import ChatTemplate, Message
+from azgpt.data.tokenizer import encode_text
 from azgpt.errors import AzGPTError
-from azgpt.sampling import Generator, Sampling, crop_note
+from azgpt.sampling import MAX_SEED, Generator, Sampling, check_seed, crop_note
 from azgpt.use.generate import parse_device, utf8_stdout
 
 BASE_MODEL_NOTE = ("this checkpoint has no chat template (a base model, not fine-tuned with azgpt finetune): "
@@ -46,6 +47,7 @@ class ChatSession:
 
     def __init__(self, generator: Generator, template: ChatTemplate | None, sampling: Sampling | None = None,
                  seed: int | None = None) -> None:
+        check_seed(seed)
         self.generator = generator
         self.template = template
         self.sampling = sampling or Sampling(max_new_tokens=128)
@@ -58,7 +60,7 @@ class ChatSession:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         sampling: Sampling | None = None, seed: int | None = None) -> ChatSession:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_model(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         stored = checkpoint.chat_template
@@ -81,7 +83,7 @@ class ChatSession:
         if self.template is not None:
             return self.template.encode(self.generator.tokenizer, messages, add_generation_prompt=True)[0]
         text = "\n".join(message.content for message in messages)
-        return self.generator.tokenizer.encode(text, add_special_tokens=False).ids
+        return encode_text(self.generator.tokenizer, text)
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """Ids of the conversation plus ``user_text``, dropping the oldest turns while it is too long; a
@@ -114,7 +116,8 @@ class ChatSession:
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the model's reply to ``user_text``; the turn joins the history once the reply is complete."""
         ids = self.prompt_ids(user_text)
-        seed = None if self.seed is None else self.seed + len(self.history)
+        # one seed per turn, wrapping past 2**64 - 1 so that every seed the user may give lasts the whole session
+        seed = None if self.seed is None else (self.seed + len(self.history)) % (MAX_SEED + 1)
         pieces: list[str] = []
         s = self.sampling
         for piece in self.generator.stream(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -154,6 +157,15 @@ class ChatSession:
         return f"{field} = {parsed}"
 
 
+def is_text(line: str) -> bool:
+    """Whether ``line`` is real text: bytes that are not UTF-8 reach Python as lone surrogates."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Read lines until end of input, answering each; returns the exit code (0 at Ctrl-D, 130 at Ctrl-C)."""
     interactive = stdin.isatty()
@@ -170,7 +182,8 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
                 line = stdin.readline()
                 if not line:
                     raise EOFError
-                stdout.write(line if line.endswith("\n") else line + "\n")
+                shown = line.encode("utf-8", "backslashreplace").decode("utf-8")  # undecodable bytes as \udcXX
+                stdout.write(shown if shown.endswith("\n") else shown + "\n")
         except EOFError:
             stdout.write("\n")
             stdout.flush()
@@ -180,6 +193,10 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
             return 130
         line = line.strip()
         if not line:
+            continue
+        if not is_text(line):
+            print("azgpt chat: that line is not valid UTF-8 text and was not sent; type it again",
+                  file=stderr, flush=True)
             continue
         if line.startswith("/"):
             try:
@@ -218,5 +235,8 @@ def chat_command(ckpt: Path, temperature: float = 0.8, top_k: int | None = 50, t
         device: cpu, cuda, cuda:1... (default: cuda if available).
     """
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
+    check_seed(seed)
     session = ChatSession.from_checkpoint(ckpt, device=parse_device(device), sampling=sampling, seed=seed)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, refused line by line
+        sys.stdin.reconfigure(errors="surrogateescape")
     return run_repl(session, sys.stdin, utf8_stdout(), sys.stderr)

@@ -31,14 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.corpus import iter_documents, resolve_corpus_files
+from azgpt.data.datamodule import PAD_TARGET  # special tokens and tokens an earlier window scored count nothing
 from azgpt.data.prepare import DocumentEncoder
+from azgpt.data.tokenizer import bits_per_byte
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.use.generate import parse_device, utf8_stdout
 
-IGNORED = -1  # target id GPT's loss skips: padding, special tokens, and tokens an earlier window scored
 _ENCODE_BATCH_CHARS = 1 << 20  # text encoded per tokenizers call: parallel, yet little held at once
 BPB_NOTE = ("bits/byte = total NLL / (ln 2 x UTF-8 bytes) compares models with different tokenizers; "
             "loss and perplexity are per token of this checkpoint's tokenizer")
@@ -68,7 +69,7 @@ class Score:
 
     @property
     def bits_per_byte(self) -> float:
-        return self.nll / (math.log(2) * self.bytes) if self.bytes else math.nan
+        return bits_per_byte(self.nll, self.bytes) if self.bytes else math.nan
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
@@ -98,6 +99,11 @@ class Evaluation:
         return {"checkpoint": self.checkpoint, "block_size": self.block_size, "stride": self.stride,
                 "files": [score.as_dict() for score in self.files], "overall": self.overall.as_dict()}
 
+    def to_json(self) -> str:
+        """``as_dict`` as strict JSON: a non-finite number (a perplexity above e^709, the loss of no tokens)
+        becomes ``null``, since ``Infinity`` and ``NaN`` are not JSON."""
+        return json_lib.dumps(_finite_or_null(self.as_dict()), indent=2, ensure_ascii=False, allow_nan=False)
+
     @staticmethod
     def _row(score: Score, width: int) -> str:
         return (f"{score.name:<{width}}  {score.documents:>9,}  {score.tokens:>12,}  {score.bytes:>13,}  "
@@ -115,11 +121,21 @@ class Evaluation:
         return "\n".join(lines)
 
 
+def _finite_or_null(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 def iter_windows(chunks: Iterable[np.ndarray], block_size: int, stride: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(inputs, targets) windows over the token stream ``chunks`` joined, streamed.
 
     Windows start at 0, stride, 2 x stride, ... and hold ``block_size`` inputs and the next tokens as targets;
-    targets an earlier window already scored are ``IGNORED``, so each token is scored once. Only the last
+    targets an earlier window already scored are ``PAD_TARGET``, so each token is scored once. Only the last
     window may be shorter than ``block_size``. ``stride == block_size`` gives non-overlapping blocks.
     """
     buffer = np.empty(0, dtype=np.int64)
@@ -137,7 +153,7 @@ def iter_windows(chunks: Iterable[np.ndarray], block_size: int, stride: int) -> 
 
 def _window(tokens: np.ndarray, start: int, scored: int) -> tuple[np.ndarray, np.ndarray]:
     targets = tokens[1:].copy()
-    targets[: max(0, scored - start)] = IGNORED
+    targets[: max(0, scored - start)] = PAD_TARGET
     return tokens[:-1], targets
 
 
@@ -191,16 +207,16 @@ class Scorer:
     @torch.inference_mode()
     def _score_batch(self, windows: list[tuple[np.ndarray, np.ndarray]], result: Score) -> None:
         inputs = np.zeros((len(windows), max(len(w[0]) for w in windows)), dtype=np.int64)
-        targets = np.full_like(inputs, IGNORED)
+        targets = np.full_like(inputs, PAD_TARGET)
         for row, (window_inputs, window_targets) in enumerate(windows):
             inputs[row, : len(window_inputs)] = window_inputs  # padding sits after the window: causal, so unseen
             targets[row, : len(window_targets)] = window_targets
-        targets[np.isin(targets, self.special_ids)] = IGNORED
+        targets[np.isin(targets, self.special_ids)] = PAD_TARGET
         logits, _ = self.model(torch.from_numpy(inputs).to(self.device))
         flat = torch.from_numpy(targets).to(self.device).view(-1)
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), flat, ignore_index=IGNORED, reduction="sum")
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), flat, ignore_index=PAD_TARGET, reduction="sum")
         result.nll += float(nll.double())
-        result.tokens += int((flat != IGNORED).sum())
+        result.tokens += int((flat != PAD_TARGET).sum())
 
 
 def evaluate(checkpoint: str | Path, corpus: str | Path | Sequence[str | Path], *, stride: int | None = None,
@@ -215,7 +231,7 @@ def evaluate(checkpoint: str | Path, corpus: str | Path | Sequence[str | Path], 
     if max_docs is not None and (isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1):
         raise AzGPTError(f"--max_docs must be a positive integer, got {max_docs!r}")
     files = resolve_corpus_files(corpus)  # every path checked before any work
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_model(checkpoint)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer = Scorer(loaded.build_model(device), loaded.tokenizer, stride=stride, batch_size=batch_size)
     for file in files:
@@ -250,6 +266,6 @@ def evaluate_command(ckpt: Path, corpus: list[str], stride: int | None = None, b
     result = evaluate(ckpt, corpus, stride=stride, batch_size=batch_size, device=parse_device(device),
                       max_docs=max_docs, text_field=text_field, errors=errors)
     out = utf8_stdout()
-    out.write((json_lib.dumps(result.as_dict(), indent=2, ensure_ascii=False) if json else result.table()) + "\n")
+    out.write((result.to_json() if json else result.table()) + "\n")
     out.flush()
     return 0

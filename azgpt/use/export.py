@@ -1,5 +1,5 @@
 """Export a checkpoint as a Hugging Face ``GPT2LMHeadModel`` folder, without needing ``transformers``
-(a modern-recipe model as ``LlamaForCausalLM``: see ``azgpt.use.export_llama``).
+(a modern-recipe model as ``LlamaForCausalLM``; the weight mapping is in ``azgpt.use.adapters``).
 
 The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json`` and a model card ``README.md``; then
@@ -21,78 +21,16 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import atomic_folder, create_exclusive, write_error
-from azgpt.checkpoint import Checkpoint, load_checkpoint, recorded_val_metrics
+from azgpt.artifact import export_model_folder, load_model
+from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
-from azgpt.data.chat import ChatTemplate
-from azgpt.use.export_llama import hf_architecture, llama_config, llama_state_dict
+from azgpt.data.chat import TEMPLATE_TEXT_WARNING, ChatTemplate
+from azgpt.use.adapters import gpt2_config, gpt2_state_dict, hf_architecture, llama_config, llama_state_dict
 from azgpt.data.tokenizer import EOT
 
-# azgpt activation -> transformers' activation_function with the same formula
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
-
-CONV1D_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-LAYER_NORMS = ("ln_1", "ln_2")
 EXPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "README.md")
-
-
-def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """``model``'s weights under GPT2LMHeadModel's names and layouts.
-
-    The embedding keeps only the tokenizer's ``vocab_size`` rows: azgpt pads it to a multiple of 64 but never
-    samples a padded id, and dropping those rows keeps a Hugging Face model from ever producing an id its
-    tokenizer lacks, while the logits of every real token stay the same. Missing biases (``bias=False``) are
-    written as zeros, since GPT-2 always has them; the tied ``lm_head.weight`` is left out, as
-    ``save_pretrained`` does.
-    """
-    cfg = model.config
-    source = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
-    out = {
-        "transformer.wte.weight": source["transformer.wte.weight"][: cfg.vocab_size],
-        "transformer.wpe.weight": source["transformer.wpe.weight"],
-    }
-    widths = {"attn.c_attn": 3 * cfg.n_embd, "attn.c_proj": cfg.n_embd, "mlp.c_fc": 4 * cfg.n_embd,
-              "mlp.c_proj": cfg.n_embd}
-    norms = [f"transformer.h.{i}.{ln}" for i in range(cfg.n_layer) for ln in LAYER_NORMS] + ["transformer.ln_f"]
-    for name in norms:
-        out[f"{name}.weight"] = source[f"{name}.weight"]
-        out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(cfg.n_embd))
-    for i in range(cfg.n_layer):
-        for layer in CONV1D_WEIGHTS:
-            name = f"transformer.h.{i}.{layer}"
-            out[f"{name}.weight"] = source[f"{name}.weight"].t()
-            out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(widths[layer]))
-    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
-
-
-def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
-    """``config.json`` for GPT2LMHeadModel with ``model``'s architecture."""
-    cfg = model.config
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,  # 4 * n_embd
-        "activation_function": HF_ACTIVATIONS[cfg.activation],
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": 0.0,  # azgpt has no dropout on attention weights
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
 
 
 def tokenizer_configs(block_size: int, chat_template: ChatTemplate | None = None
@@ -166,8 +104,21 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         "A small model trained from scratch on a limited corpus: it imitates the style of its training text, "
         "knows little beyond it, and shares its biases.",
         "",
+        *(_template_lines() if checkpoint.chat_template else []),
     ]
     return "\n".join(lines)
+
+
+# What a runtime does with template tokens typed inside a message (azgpt itself encodes them as plain text).
+def _template_lines() -> list[str]:
+    """The model card's chat section: how the template renders and what untrusted text can do to it."""
+    return [
+        "## Chat template",
+        "",
+        "Fine-tuned with azgpt's chat template: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` "
+        "gives the ids it was trained on. In transformers (as in llama.cpp and Ollama) " + TEMPLATE_TEXT_WARNING,
+        "",
+    ]
 
 
 def _count(n: int, noun: str) -> str:
@@ -210,8 +161,7 @@ def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str,
     try:
         from safetensors.torch import save
     except ImportError:
-        raise AzGPTError("export needs the safetensors package: pip install 'azgpt[export]' "
-                         "(or pip install safetensors)") from None
+        raise AzGPTError("export needs the safetensors package: pip install safetensors") from None
     hf_class = hf_architecture(model.config)  # raises for what neither GPT-2 nor Llama computes
     eot_id = tokenizer.token_to_id(EOT)
     if hf_class == "LlamaForCausalLM":
@@ -242,7 +192,7 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
         raise AzGPTError(f"--out {out} is a file: give a folder to export into")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
     card = model_card(checkpoint, model, out.resolve().name)
     stored = checkpoint.chat_template
@@ -262,17 +212,18 @@ def _json_bytes(content: dict[str, Any]) -> bytes:
     return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Literal["hf", "gguf"] = "hf",
-                   outtype: str | None = None) -> int:
-    """Write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, or LlamaForCausalLM for the modern recipe:
+def export_command(ckpt: Path, out: Path, overwrite: bool = False,
+                   format: Literal["hf", "gguf", "azgpt"] = "hf", outtype: str | None = None) -> int:
+    """Write a model as a Hugging Face folder (GPT2LMHeadModel, or LlamaForCausalLM for the modern recipe:
     config.json, model.safetensors, tokenizer files, README.md model card; needs safetensors, not transformers),
-    or with --format gguf as one GGUF file for llama.cpp and Ollama plus an Ollama Modelfile (needs gguf).
+    with --format gguf as one GGUF file for llama.cpp and Ollama plus an Ollama Modelfile (needs gguf), or with
+    --format azgpt as azgpt's own model folder (what fit writes into its run folder when it ends).
 
     Args:
-        ckpt: checkpoint written by azgpt fit.
+        ckpt: a model folder (lightning_logs/version_N/model) or a checkpoint written by azgpt fit.
         out: folder to write (new or empty).
         overwrite: write into a folder that already holds files.
-        format: hf (a Hugging Face folder) or gguf (llama.cpp / Ollama).
+        format: hf (a Hugging Face folder), gguf (llama.cpp / Ollama) or azgpt (a model folder).
         outtype: number format of a GGUF's weight matrices: f32, f16 (default) or q8_0.
     """
     if format == "gguf":
@@ -284,8 +235,14 @@ def export_command(ckpt: Path, out: Path, overwrite: bool = False, format: Liter
         name = path.parent.resolve().name.lower()
         print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {name} -f Modelfile)")
         return 0
+    if format == "azgpt":
+        if outtype is not None:
+            raise AzGPTError("--outtype applies to --format gguf; a model folder keeps the weights as trained")
+        written = export_model_folder(ckpt, out, overwrite=overwrite)
+        print(f"exported {ckpt} to {written}/ (every azgpt verb reads it: azgpt generate --ckpt {written})")
+        return 0
     if format != "hf":
-        raise AzGPTError(f"--format must be hf or gguf, got {format!r}")
+        raise AzGPTError(f"--format must be hf, gguf or azgpt, got {format!r}")
     if outtype is not None:
         raise AzGPTError("--outtype applies to --format gguf; the Hugging Face folder is always float32")
     written = export_checkpoint(ckpt, out, overwrite=overwrite)

@@ -17,6 +17,7 @@ Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt genera
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -26,18 +27,18 @@ from tokenizers import Tokenizer
 
 from azgpt import __version__
 from azgpt.atomic import atomic_folder, write_error
-from azgpt.checkpoint import load_checkpoint
+from azgpt.artifact import load_model
 from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, NORM_EPS
-from azgpt.use.export import CONV1D_WEIGHTS, gpt2_state_dict
-from azgpt.use.export_llama import hf_architecture, llama_state_dict
+from azgpt.data.chat import TEMPLATE_TEXT_WARNING
+from azgpt.use.adapters import CONV1D_WEIGHTS, gpt2_state_dict, hf_architecture, llama_state_dict
 
 OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp runs for both
 OUTTYPES: tuple[str, ...] = get_args(OutType)
 DEFAULT_OUTTYPE: OutType = "f16"
-# llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.export_llama.hf_architecture)
+# llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.adapters.hf_architecture)
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
 LAYER_NORM_EPS = 1e-5
@@ -220,10 +221,12 @@ def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | N
     name = name.lower()  # Ollama's model names are lower case
     template = ollama_template(chat) if chat else "{{ .Prompt }}"
     stops = [EOT] + ([chat.end_token] if chat else [])
+    warning = textwrap.wrap(f"In Ollama and llama.cpp {TEMPLATE_TEXT_WARNING}", 110) if chat else []
     lines = [
         f"# Ollama model file written by azgpt {__version__}. In this folder:",
         f"#   ollama create {name} -f Modelfile",
         f'#   ollama run {name} "Azərbaycan"',
+        *[f"# {line}" for line in warning],
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         *[f'PARAMETER stop "{stop}"' for stop in stops],
@@ -269,7 +272,7 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # before the slow part; atomic_folder checks again
         raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
     check_outtype_name(outtype)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
     gguf_architecture(model)  # refuses, before anything is written, what neither gpt2 nor llama computes
     stored = checkpoint.chat_template

@@ -51,10 +51,23 @@ def test_another_corpus_into_a_prepared_folder_needs_overwrite(tmp_path: Path, c
     args = ["--corpus", other, "--tokenizer", out / "tokenizer.json", "--out", out, "--block_size", "8",
             "--val_fraction", "0.25"]
     err = refused(capsys, *args)
-    assert "another corpus" in err and str(base) in err and "--overwrite" in err
+    assert f"holds token files of other data: --corpus is {other} but {out} was prepared from {base}" in err
+    assert "--overwrite" in err
     assert snapshot(out) == before
     assert main(["prepare", *map(str, args), "--overwrite"]) == 0
     assert json.loads((out / "meta.json").read_text())["source"] == [str(other)]
+
+
+def test_another_val_corpus_into_a_prepared_folder_needs_overwrite(tmp_path: Path, capsys) -> None:
+    """A new --val_corpus used to replace val.npy of a prepared folder without a word."""
+    base, held_out = write_corpus(tmp_path / "base.txt"), write_corpus(tmp_path / "val.txt", DOCS[::-1])
+    out = tmp_path / "out"
+    prepare(config(base, out))
+    before = snapshot(out)
+    err = refused(capsys, "--corpus", base, "--tokenizer", out / "tokenizer.json", "--out", out, "--block_size", "8",
+                  "--val_fraction", "0.25", "--val_corpus", held_out)
+    assert f"--val_corpus is {held_out} but {out} took its validation text from val_fraction 0.25" in err
+    assert snapshot(out) == before
 
 
 def test_a_second_prepare_into_a_locked_folder_is_refused_naming_the_holder(tmp_path: Path, capsys) -> None:

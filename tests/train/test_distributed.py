@@ -162,6 +162,8 @@ def test_two_processes_prepare_once_and_draw_disjoint_blocks(workdir: Path, two_
         mine, theirs = set(np.concatenate(rank0[step]).tolist()), set(np.concatenate(rank1[step]).tolist())
         assert not mine & theirs, f"step {step}: both ranks drew blocks at {sorted(mine & theirs)}"
     assert checkpoint_step(two_process_fit) == 3
+    # The model folder, written by the first process only (every rank asks for the run folder, a collective).
+    assert json.loads((two_process_fit / "model" / "meta.json").read_text())["global_step"] == 3
 
 
 def test_two_process_checkpoint_resumes_on_one(workdir: Path, one_process_resume: Path) -> None:

@@ -203,3 +203,21 @@ def test_export_gives_hugging_face_the_same_chat_template(finetuned: Path, tmp_p
     ours, _ = DEFAULT_TEMPLATE.encode(load_checkpoint(last_ckpt(finetuned)).tokenizer, messages,
                                       add_generation_prompt=True)
     assert hf(rendered, add_special_tokens=False)["input_ids"] == ours
+
+
+def test_a_modern_model_is_fine_tuned_with_the_optimizer_it_was_trained_with(tmp_path, monkeypatch) -> None:
+    """A modern-recipe base keeps Muon for its block matrices (it used to get AdamW without a word), from its
+    .ckpt and from its model folder alike; model.optimizer still chooses."""
+    from azgpt.cli import main
+    from azgpt.train.finetune import AzGPTFinetune
+    from azgpt.train.muon import MuonWithAdamW
+    from conftest import tiny_fit_args
+
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny_fit_args(tmp_path / "data", max_steps=2, **{"--model.recipe": "modern"})) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    for base in (run / "checkpoints" / "last.ckpt", run / "model"):
+        model = AzGPTFinetune(init_from=str(base))
+        assert model.hparams.optimizer == "muon"
+        assert isinstance(model.build_optimizer()[0], MuonWithAdamW)
+    assert AzGPTFinetune(init_from=str(run / "model"), optimizer="adamw").hparams.optimizer == "adamw"

@@ -91,6 +91,13 @@ def test_stop_mid_epoch_and_resume_is_bitwise_identical(tmp_path, data_dir, refe
     assert sorted(read_losses(run)) == [1, 2, 3, 4, 5, 6]
     delta = assert_matches_reference(reference, [run])
     print(f"max |delta loss| one interruption: {delta}")
+    # TensorBoard's curves have no gap: the stopped run logged the step it saved (Lightning's step 2 = step 3).
+    from azgpt.train.history import read_history
+
+    stopped, resumed = (read_history(run / "lightning_logs" / v) for v in ("version_0", "version_1"))
+    assert [p.step for p in stopped.curve("train_loss")] == [0, 1, 2]
+    assert [p.step for p in resumed.curve("train_loss")] == [3, 4, 5]
+    assert [p.step for p in stopped.curve("grad_norm")] == [0, 1, 2]
 
 
 @pytest.mark.slow

@@ -125,7 +125,7 @@ def test_budget_plans_the_steps_that_end_on_time(budget_run) -> None:
     run, log = budget_run
     assert f"planning {PLANNED_STEPS} optimizer steps" in log
     assert "4 s per optimizer step" in log and "3 s per validation (measured)" in log
-    assert f"= {PLANNED_STEPS} steps x 16 sequences x 32 tokens" in log  # the data budget of the plan
+    assert f"to {PLANNED_STEPS}) x 16 sequences x 32 tokens" in log  # the data budget of the planned steps left
     assert "re-planned to" not in log  # a steady clock never drifts
     assert f"{PROVISIONAL_STEPS:,} steps" not in log  # no data budget for the step count before the plan
     assert sorted(read_losses(run)) == list(range(1, PLANNED_STEPS + 1))

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from azgpt.checkpoint import load_checkpoint
 from azgpt.cli import main
 from azgpt.data.corpus import iter_documents, sample_corpus_path
+from azgpt.data.datamodule import PAD_TARGET
 from azgpt.data.tokenizer import EOT, train_tokenizer
 from azgpt.model import GPT, GPTConfig
-from azgpt.use.evaluate import IGNORED, Score, Scorer, evaluate, iter_windows
+from azgpt.use.evaluate import Score, Scorer, evaluate, iter_windows
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -84,10 +85,10 @@ def test_windows_score_every_token_once(block: int, stride: int, length: int) ->
     chunks = np.array_split(stream, 4)  # arriving in pieces changes nothing
     scored: list[int] = []
     for inputs, targets in iter_windows(chunks, block, stride):
-        assert 1 <= len(inputs) <= block and np.array_equal(targets[targets != IGNORED] - 1,
-                                                             inputs[targets != IGNORED])
+        assert 1 <= len(inputs) <= block and np.array_equal(targets[targets != PAD_TARGET] - 1,
+                                                             inputs[targets != PAD_TARGET])
         for position, target in enumerate(targets):
-            if target != IGNORED:
+            if target != PAD_TARGET:
                 scored.append(int(target))
                 # context: everything before it in the window; at least block - stride unless near the start
                 assert position + 1 >= min(int(target), block - stride + 1)

@@ -16,7 +16,7 @@ from azgpt.cli import main
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, RECIPES, GPTConfig
 from azgpt.use.export import write_hf_folder
-from azgpt.use.export_llama import hf_architecture
+from azgpt.use.adapters import hf_architecture
 from conftest import TINY_FIT
 
 TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. 1918-ci il 28 may!\nYeni sətir"

@@ -1,6 +1,9 @@
-"""A modern-recipe model as Hugging Face ``LlamaForCausalLM`` (weights and config.json), and which class fits a model.
+"""One state-dict adapter per architecture, shared by every exporter (the HF folder and GGUF): azgpt's GPT as
+Hugging Face's ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` weights, and which of the two fits a model.
 
-Llama is this architecture exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
+GPT-2's recipe maps onto GPT2LMHeadModel (Conv1D layouts, so the linear weights are transposed). A modern-recipe
+model is Llama exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
+attention and MLP, a SwiGLU MLP, no position table, a head tied or not. Llama is this architecture exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
 attention and MLP, a SwiGLU MLP, no position table, a head tied or not. azgpt's fused ``c_attn`` splits into
 ``q_proj``, ``k_proj``, ``v_proj``, and ``c_fc`` (gate then up) into ``gate_proj`` and ``up_proj``; nn.Linear
 layouts need no transpose. QK-norm and logit soft-capping have no Llama equivalent, so models using them are
@@ -15,6 +18,41 @@ import torch
 
 from azgpt.errors import AzGPTError
 from azgpt.model import NORM_EPS, GPT, GPTConfig
+
+# azgpt activation -> transformers' activation_function with the same formula
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+CONV1D_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LAYER_NORMS = ("ln_1", "ln_2")
+
+
+def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """``model``'s weights under GPT2LMHeadModel's names and layouts.
+
+    The embedding keeps only the tokenizer's ``vocab_size`` rows: azgpt pads it to a multiple of 64 but never
+    samples a padded id, and dropping those rows keeps a Hugging Face model from ever producing an id its
+    tokenizer lacks, while the logits of every real token stay the same. Missing biases (``bias=False``) are
+    written as zeros, since GPT-2 always has them; the tied ``lm_head.weight`` is left out, as
+    ``save_pretrained`` does.
+    """
+    cfg = model.config
+    source = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
+    out = {
+        "transformer.wte.weight": source["transformer.wte.weight"][: cfg.vocab_size],
+        "transformer.wpe.weight": source["transformer.wpe.weight"],
+    }
+    widths = {"attn.c_attn": 3 * cfg.n_embd, "attn.c_proj": cfg.n_embd, "mlp.c_fc": 4 * cfg.n_embd,
+              "mlp.c_proj": cfg.n_embd}
+    norms = [f"transformer.h.{i}.{ln}" for i in range(cfg.n_layer) for ln in LAYER_NORMS] + ["transformer.ln_f"]
+    for name in norms:
+        out[f"{name}.weight"] = source[f"{name}.weight"]
+        out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(cfg.n_embd))
+    for i in range(cfg.n_layer):
+        for layer in CONV1D_WEIGHTS:
+            name = f"transformer.h.{i}.{layer}"
+            out[f"{name}.weight"] = source[f"{name}.weight"].t()
+            out[f"{name}.bias"] = source.get(f"{name}.bias", torch.zeros(widths[layer]))
+    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+
 
 # What each Hugging Face class can express: the GPTConfig settings it needs.
 GPT2_NEEDS = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0,
@@ -58,6 +96,35 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
                 f"{theirs}mlp.down_proj.{suffix}": source[f"{ours}mlp.c_proj.{suffix}"],
             })
     return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+
+
+def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
+    """``config.json`` for GPT2LMHeadModel with ``model``'s architecture."""
+    cfg = model.config
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": HF_ACTIVATIONS[cfg.activation],
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": 0.0,  # azgpt has no dropout on attention weights
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
 
 
 def llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
