@@ -69,18 +69,19 @@ def validations_between(done: int, total: int, every: int | None) -> int:
 
 
 def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, validation_s: float,
-               every: int | None) -> int:
+               every: int | None, pending: bool = False) -> int:
     """The last optimizer step whose end, with the validations up to it, falls within ``budget_s``.
 
     ``step`` optimizer steps are done at ``elapsed_s``; each further step takes ``step_s`` and each validation
-    (every ``every`` steps, and one after the last step) ``validation_s``. Returns ``step`` when not even one
-    more step fits.
+    (every ``every`` steps, and one after the last step) ``validation_s``; ``pending``: the validation after
+    ``step`` itself has not run yet. Returns ``step`` when not even one more step fits.
     """
     def cost(total: int) -> float:
-        return elapsed_s + (total - step) * step_s + validations_between(step, total, every) * validation_s
+        validations = validations_between(step, total, every) + pending
+        return elapsed_s + (total - step) * step_s + validations * validation_s
 
     per_step = step_s + (validation_s / every if every else 0.0)
-    total = step + max(0, int((budget_s - elapsed_s - validation_s) / max(per_step, 1e-9)))
+    total = step + max(0, int((budget_s - elapsed_s - (1 + pending) * validation_s) / max(per_step, 1e-9)))
     while total > step and cost(total) > budget_s:
         total -= 1
     while cost(total + 1) <= budget_s:
@@ -235,8 +236,8 @@ class TimeBudget(L.Callback):
         if not self.step_s or step >= self.total_steps:
             return self.total_steps  # nothing measured yet, or done: a longer plan now would raise the rate again
         every, validation_s = self._validation_every(trainer), self._validation_cost(trainer)
-        predicted = (self.elapsed() + (self.total_steps - step) * self.step_s
-                     + validations_between(step, self.total_steps, every) * validation_s)
+        validations = validations_between(step, self.total_steps, every) + self._pending(step, every)
+        predicted = self.elapsed() + (self.total_steps - step) * self.step_s + validations * validation_s
         # Early by less than a step and a validation is as close as a plan gets: no re-plan for that.
         early_by = max(self.tolerance * self.budget_s, self.step_s + validation_s)
         if self.budget_s - early_by <= predicted <= self.budget_s * (1 + self.tolerance):
@@ -257,10 +258,16 @@ class TimeBudget(L.Callback):
 
     def _plan(self, trainer: L.Trainer) -> int:
         step = trainer.global_step
+        every = self._validation_every(trainer)
         total = plan_steps(self.budget_s, self.elapsed(), step, self.step_s or 1e-9,
-                           self._validation_cost(trainer), self._validation_every(trainer))
+                           self._validation_cost(trainer), every, self._pending(step, every))
         # Past the budget already: stop now; otherwise at least one more step, whose rate _set_total applies.
         return step if self.elapsed() >= self.budget_s else max(total, step + 1)
+
+    @staticmethod
+    def _pending(step: int, every: int | None) -> bool:
+        """Whether Lightning validates after ``step``, which has just ended (the plan is made before that)."""
+        return bool(every) and step > 0 and step % every == 0
 
     def _validation_cost(self, trainer: L.Trainer) -> float:
         """Measured, or before the first validation: its forward passes at a third of a training micro-batch."""
@@ -303,7 +310,8 @@ class TimeBudget(L.Callback):
         validation = (f"{validation_s:.3g} s per validation (measured)" if self.validation_measured else
                       f"about {validation_s:.3g} s per validation (an estimate until the first "
                       f"one{f', at step {every}' if every else ''})")
-        remaining = (total - step) * self.step_s + validations_between(step, total, every) * validation_s
+        validations = validations_between(step, total, every) + self._pending(step, every)
+        remaining = (total - step) * self.step_s + validations * validation_s
         hparams = pl_module.hparams
         schedule = hparams.get("lr_schedule")
         if schedule == "wsd":

@@ -54,6 +54,8 @@ def test_plan_counts_steps_and_validations() -> None:
     # Validations not counted in steps: only the closing one.
     assert plan_steps(100, 10, 10, 1.0, 5.0, every=None) == 95
     assert plan_steps(100, 99, 10, 1.0, 5.0, every=None) == 10  # not even one more step fits
+    # Step 10's own validation has not run yet when the plan is made after it: 5 s less, one step fewer.
+    assert plan_steps(100, 10, 10, 1.0, 5.0, every=10, pending=True) == 65
 
 
 def test_warmup_stable_decay_ends_at_its_floor() -> None:
@@ -148,14 +150,17 @@ def test_learning_rate_is_at_its_floor_on_the_last_step(budget_run) -> None:
 
 
 @pytest.mark.slow
-def test_resume_mid_budget_keeps_the_plan(budget_run, data_dir, tmp_path, monkeypatch) -> None:
+def test_resume_mid_budget_keeps_the_plan(budget_run, data_dir, tmp_path, monkeypatch, caplog) -> None:
     """Resumed from step 31 (after the plan, before the cooldown) on a fresh clock: the same plan, and every
     later step's loss, learning rate and the final weights bitwise the uninterrupted run's."""
     reference, _ = budget_run
     checkpoint = next(reference.glob("lightning_logs/*/checkpoints/every-step=31.ckpt"))
     assert budget_state(checkpoint)["total_steps"] == PLANNED_STEPS
     resumed = tmp_path / "resumed"
-    assert fit_on_fake_clock(monkeypatch, budget_config(resumed, data_dir), "--ckpt_path", str(checkpoint)) == 0
+    with caplog.at_level("INFO"):
+        assert fit_on_fake_clock(monkeypatch, budget_config(resumed, data_dir), "--ckpt_path", str(checkpoint)) == 0
+    assert f"keeping the checkpoint's plan of {PLANNED_STEPS} steps" in caplog.text
+    assert "planning" not in caplog.text and "re-planned to" not in caplog.text
     losses, expected = read_losses(resumed), read_losses(reference)
     assert sorted(losses) == list(range(32, PLANNED_STEPS + 1))
     for step, loss in losses.items():
@@ -210,6 +215,30 @@ def test_a_short_budget_plans_from_fewer_steps(data_dir, tmp_path, monkeypatch, 
     assert max(read_losses(run)) == 7
     assert read_rates(run / "rates.txt")[7] == pytest.approx(LR * FLOOR)
     assert budget_state(next(run.glob("lightning_logs/*/checkpoints/last.ckpt")))["elapsed_s"] == 40.0
+
+
+def test_a_new_plan_sets_the_next_steps_rate_at_once() -> None:
+    """The scheduler has already set the next step's rate from the old plan when a re-plan happens: the new plan
+    applies it again, so a re-plan that makes the next step the last still gives it the floor rate."""
+    from types import SimpleNamespace
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from azgpt.train.time_budget import TimeBudget
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=100)), global_step=9,
+                              progress_bar_callback=None, accumulate_grad_batches=1)
+    scheduler = LambdaLR(optimizer, lambda s: warmup_stable_decay(s, 2, trainer.fit_loop.epoch_loop.max_steps,
+                                                                  0.2, FLOOR))
+    trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=scheduler)]
+    for _ in range(9):  # 9 steps done: the rate of step 10 is set, at the peak of a 100-step plan
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR)
+    TimeBudget("1min")._set_total(trainer, 10)
+    assert trainer.fit_loop.epoch_loop.max_steps == 10
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR * FLOOR)
 
 
 def test_budget_errors_are_one_line_naming_the_option(data_dir, tmp_path, capsys) -> None:
