@@ -217,6 +217,19 @@ def test_a_short_budget_plans_from_fewer_steps(data_dir, tmp_path, monkeypatch, 
     assert budget_state(next(run.glob("lightning_logs/*/checkpoints/last.ckpt")))["elapsed_s"] == 40.0
 
 
+def test_a_plan_made_on_a_validation_step_counts_that_validation() -> None:
+    """Lightning validates after step 10 only once the callbacks' step-end hooks (where the plan is made) ran."""
+    from types import SimpleNamespace
+
+    from azgpt.train.time_budget import TimeBudget
+
+    budget = TimeBudget("100s", clock=lambda: 10.0)
+    budget._start, budget.step_s, budget.validation_s, budget.validation_measured = 0.0, 1.0, 5.0, True
+    trainer = SimpleNamespace(global_step=10, val_check_interval=40, check_val_every_n_epoch=None,
+                              enable_validation=True, accumulate_grad_batches=4)
+    assert budget._plan(trainer) == 65  # as plan_steps(..., pending=True); 70 if step 10's validation were done
+
+
 def test_a_new_plan_sets_the_next_steps_rate_at_once() -> None:
     """The scheduler has already set the next step's rate from the old plan when a re-plan happens: the new plan
     applies it again, so a re-plan that makes the next step the last still gives it the floor rate."""
