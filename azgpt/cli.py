@@ -56,7 +56,8 @@ VERBS: dict[str, Verb] = {
     "generate": Verb("azgpt.use.generate:generate_command", "continue a prompt with a trained model"),
     "evaluate": Verb("azgpt.use.evaluate:evaluate_command",
                      "loss, perplexity and bits per byte of a checkpoint on any text, per file"),
-    "export": Verb("azgpt.use.export:export_command", "write a checkpoint as a Hugging Face GPT-2 folder"),
+    "export": Verb("azgpt.use.export:export_command",
+                   "write a checkpoint as a Hugging Face folder (GPT-2 or Llama) or a GGUF file"),
     "report": Verb("azgpt.train.report:report_command", "write report.png and report.md into a run's folder"),
     "finetune": Verb("azgpt.train.finetune:run_finetune_cli", "fine-tune a checkpoint on instruction jsonl "
                      "(LightningCLI like fit: --config finetune.yaml --model.init_from CKPT)", raw_argv=True),

@@ -321,14 +321,15 @@ class GPT(nn.Module):
                 block.mlp.gelu = nn.GELU(approximate=ACTIVATIONS[name])
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward): 6*N + 6*n_layer*n_embd*block_size.
+        """Training FLOPs per token (forward + backward): 6*N + 12*n_layer*n_embd*block_size.
 
         N is the non-embedding parameter count plus the lm_head matmul; the second term is attention's
-        QK^T and AV matmuls at full context.
+        QK^T and AV matmuls at full context (2 x 2*C*T forward per token and layer, twice that backward),
+        the PaLM / nanoGPT convention for MFU: the causal mask's skipped half is counted as done.
         """
         cfg = self.config
         n = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
-        return 6 * n + 6 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def _check_idx(self, idx: Tensor, start: int = 0) -> None:
         if idx.dim() != 2:

@@ -1,6 +1,6 @@
 """Which model size learns most in a fixed CPU time: the sizing behind configs/laptop.yaml.
 
-    PYTHONPATH=. python bench/laptop_sizes.py [--minutes 30] [--scale 1] [--sizes 2x128 3x192 4x256]
+    PYTHONPATH=. python bench/laptop_sizes.py [--minutes 30] [--scale 1] [--sizes 2x128 3x192 4x256] [--seeds 1 2]
 
 1. Data: the local real corpus in ../shared (web, legal, quran, social to train on; wiki and poetry held out for
    validation), prepared once with laptop.yaml's vocabulary and block.
@@ -9,7 +9,12 @@
 3. Equal time: each size then runs the real ``python -m azgpt.cli fit --config quickstart.yaml --config
    laptop.yaml`` (callbacks and validation included) for ``scale x minutes`` worth of its measured optimizer
    steps, its learning-rate schedule ending there. Steps rather than a wall-clock limit, so every schedule
-   completes; the table shows each run's real wall time beside its final held-out val_bpb.
+   completes; the table shows each run's real wall time beside its final held-out val_bpb. Steps sized from
+   a probe are not equal wall time (a run's validation and checkpoints come on top, and the machine drifts):
+   compare the wall times before reading the val_bpb margins.
+4. Seeds: every size runs once per ``--seeds`` value (``--seed_everything``: initial weights and the blocks
+   drawn), seed by seed, the sizes in alternating order, and the table gives the mean and the spread, since
+   the sizes' margins (about 0.01 bpb) are of the order of what a seed changes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=["2x128", "3x192", "4x256"],
                         help="LAYERSxWIDTH, heads of width 64")
     parser.add_argument("--probe-steps", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1], help="one fit per size and seed")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shared-az")
     parser.add_argument("--work", type=Path, default=None, help="where the runs' logs go (default: a temp folder)")
     args = parser.parse_args()
@@ -107,37 +114,50 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, (n_layer, n_head, n_embd) in sizes.items():
-        steps = max(int(rates[name] * args.minutes * 60 * args.scale), 20)
-        print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {steps:,} steps "
-              f"({steps * tokens_per_step / train_tokens:.2f} epochs)", flush=True)
-        command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config", "laptop.yaml",
-                   *data_args, "--model.n_layer", str(n_layer), "--model.n_head", str(n_head),
-                   "--model.n_embd", str(n_embd), "--budget", "null", "--trainer.max_steps", str(steps),
-                   "--val_every_n_steps", str(max(steps // 10, 1)), "--early_stopping", "null",
-                   "--trainer.enable_progress_bar", "false"]
-        if (work / name).exists():
-            raise SystemExit(f"{work / name} already exists (an earlier run's logs): pass another --work")
-        (work / name).mkdir()
-        started = time.perf_counter()
-        run = subprocess.run(command, cwd=work / name,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        (work / name / "fit.log").write_text(run.stdout + run.stderr)
-        if run.returncode != 0:
-            raise SystemExit(f"{name}: fit failed (exit {run.returncode}); see {work / name / 'fit.log'}")
-        version = max((work / name / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
-        val_bpb = read_history(version).curve("val_bpb")[-1].value
-        rows.append((name, parameters[name], steps, seconds, val_bpb))
-        print(f"{name}: val_bpb {val_bpb:.4f} after {steps} steps in {seconds / 60:.1f} min ({version})", flush=True)
+    steps = {name: max(int(rates[name] * args.minutes * 60 * args.scale), 20) for name in sizes}
+    for name in sizes:
+        print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {steps[name]:,} steps "
+              f"({steps[name] * tokens_per_step / train_tokens:.2f} epochs)", flush=True)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in sizes}  # (seconds, val_bpb) per seed
+    for seed_index, seed in enumerate(args.seeds):
+        order = list(sizes) if seed_index % 2 == 0 else list(reversed(sizes))
+        for name in order:
+            n_layer, n_head, n_embd = sizes[name]
+            command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config",
+                       "laptop.yaml", *data_args, "--seed_everything", str(seed), "--model.n_layer", str(n_layer),
+                       "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
+                       "--budget", "null", "--trainer.max_steps", str(steps[name]),
+                       "--val_every_n_steps", str(max(steps[name] // 10, 1)),
+                       "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
+            folder = work / f"{name}-seed{seed}"
+            if folder.exists():
+                raise SystemExit(f"{folder} already exists (an earlier run's logs): pass another --work")
+            folder.mkdir()
+            started = time.perf_counter()
+            run = subprocess.run(command, cwd=folder, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                 capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            (folder / "fit.log").write_text(run.stdout + run.stderr)
+            if run.returncode != 0:
+                raise SystemExit(f"{name} seed {seed}: fit failed (exit {run.returncode}); see {folder / 'fit.log'}")
+            version = max((folder / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
+            val_bpb = read_history(version).curve("val_bpb")[-1].value
+            results[name].append((seconds, val_bpb))
+            print(f"{name} seed {seed}: val_bpb {val_bpb:.4f} after {steps[name]} steps in {seconds / 60:.1f} min "
+                  f"({version})", flush=True)
 
-    print("\n| size | parameters | optimizer steps | tokens | wall time | final val_bpb |\n|---|---|---|---|---|---|")
-    for name, params, steps, seconds, val_bpb in rows:
-        print(f"| {name} | {params / 1e6:.2f} M | {steps:,} | {steps * tokens_per_step / 1e6:.1f} M | "
-              f"{seconds / 60:.1f} min | {val_bpb:.4f} |")
-    best = min(rows, key=lambda row: row[4])
-    print(f"best in equal time: {best[0]} (val_bpb {best[4]:.4f})")
+    print(f"\n| size | parameters | optimizer steps | tokens | wall time (mean) | final val_bpb, mean of "
+          f"{len(args.seeds)} seeds (min-max) |\n|---|---|---|---|---|---|")
+    means = {}
+    for name, runs in results.items():
+        bpbs = [bpb for _, bpb in runs]
+        means[name] = statistics.fmean(bpbs)
+        wall = statistics.fmean(seconds for seconds, _ in runs)
+        print(f"| {name} | {parameters[name] / 1e6:.2f} M | {steps[name]:,} | "
+              f"{steps[name] * tokens_per_step / 1e6:.1f} M | {wall / 60:.1f} min | {means[name]:.4f} "
+              f"({min(bpbs):.4f}-{max(bpbs):.4f}) |")
+    best = min(means, key=means.get)
+    print(f"lowest mean val_bpb: {best} ({means[best]:.4f}); a margin inside the seeds' ranges is no ranking")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """How much text the BPE tokenizer needs: train on the first N MB of a corpus, measure the time and the
-tokens per word every tokenizer gives on the whole corpus, against training on all of it.
+tokens per word every tokenizer gives on held-out documents, against training on all the rest.
 
-    PYTHONPATH=. python bench/tokenizer_sample.py [--corpus-dir ../shared/corpus] [--vocab_size 8192]
+    PYTHONPATH=. python bench/tokenizer_sample.py [--corpus-dir ../shared/corpus] [--vocab_size 8192] [--rounds 3]
 
-Documents are taken round-robin across the corpus files (a mixed stream, as a shuffled Hub corpus is), the
-way ``prepare --tokenizer_sample`` takes them: the first documents up to the size. Tokens per word are
-counted on every 10th document of the corpus (about 10% of it). Sizes run in alternating order over the
-rounds so a busy machine slows all of them alike; the time reported is the fastest round.
+Documents are taken round-robin across the corpus files (a mixed stream, as a shuffled Hub corpus is). Every
+10th document (about 10% of the text) is held out: no tokenizer trains on it, and tokens per word are counted
+on it. The samples are the first of the other documents up to each size, the way ``prepare --tokenizer_sample``
+takes them. Sizes run in alternating order over the rounds so a busy machine slows all of them alike; the
+time reported is the fastest round. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def main() -> None:
     parser.add_argument("--corpus-dir", type=Path, default=ROOT.parent / "shared" / "corpus")
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[2, 5, 10])
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print("command: PYTHONPATH=. python bench/tokenizer_sample.py " + shlex.join(sys.argv[1:]))
-    documents = interleaved(sorted(args.corpus_dir.glob("*.txt*")))
+    everything = interleaved(sorted(args.corpus_dir.glob("*.txt*")))
+    held = everything[::10]
+    documents = [d for i, d in enumerate(everything) if i % 10]
     total_mb = sum(len(d.encode("utf-8")) for d in documents) / 1e6
-    held = documents[::10]
     words = sum(len(d.split()) for d in held)
     pieces = [p for d in held for p in split_at_line_breaks(d)]
     sizes = [s for s in args.sizes_mb if s < total_mb] + [total_mb]
@@ -62,8 +64,8 @@ def main() -> None:
             tokenizer = train_tokenizer(sample, args.vocab_size, normalized=True)
             best[size] = min(best.get(size, float("inf")), time.perf_counter() - started)
             tokens[size] = sum(len(e.ids) for e in tokenizer.encode_batch(pieces))
-    print(f"corpus: {args.corpus_dir} ({total_mb:.1f} MB; tokens per word on {words:,} words of every 10th "
-          f"document), vocab {args.vocab_size}, shared machine")
+    print(f"corpus: {args.corpus_dir} ({total_mb:.1f} MB to train on; tokens per word on {words:,} words of "
+          f"every 10th document, held out), vocab {args.vocab_size}, best of {args.rounds} rounds")
     print(f"{'sample MB':>10} {'train s':>8} {'tokens/word':>12} {'vs all':>8}")
     for size in sizes:
         print(f"{size:>10.1f} {best[size]:>8.1f} {tokens[size] / words:>12.3f} "

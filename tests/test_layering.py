@@ -28,16 +28,46 @@ def part_of(module: str) -> str:
     return module.split(".")[1] if module.count(".") else ""
 
 
-def azgpt_imports(path: Path) -> set[str]:
+def imported_parts(source: str, module: str) -> set[str]:
+    """The parts of azgpt that ``source`` (the text of ``module``, e.g. ``azgpt.data.prepare``) imports, however
+    spelled: ``import azgpt.x``, ``from azgpt.x import y``, ``from azgpt import x`` (a submodule, or a name
+    azgpt re-exports from one), and relative imports."""
+    from azgpt import _LAZY
+
+    package = module.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("azgpt"):
-            found.add(part_of(node.module) or "")
-            if node.module == "azgpt":
-                found.discard("")  # `from azgpt import __version__`
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level:  # from . import x, from ..model import GPT
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            if target == "azgpt":
+                for alias in node.names:
+                    if alias.name in _LAZY:
+                        found.add(part_of(_LAZY[alias.name]))
+                    elif (PACKAGE / alias.name).is_dir() or (PACKAGE / f"{alias.name}.py").is_file():
+                        found.add(alias.name)
+            elif target.startswith("azgpt."):
+                found.add(part_of(target))
         elif isinstance(node, ast.Import):
             found |= {part_of(alias.name) for alias in node.names if alias.name.startswith("azgpt.")}
     return found
+
+
+def azgpt_imports(path: Path) -> set[str]:
+    module = ".".join(("azgpt", *path.relative_to(PACKAGE).with_suffix("").parts))
+    return imported_parts(path.read_text(encoding="utf-8"), module)
+
+
+def test_every_spelling_of_an_import_is_seen() -> None:
+    spellings = {"from azgpt import train": {"train"}, "from azgpt import AzGPT": {"train"},
+                 "from azgpt import AzGPTDataModule": {"data"}, "from azgpt import __version__": set(),
+                 "import azgpt.use.export": {"use"}, "from azgpt.model import GPT": {"model"},
+                 "from .. import train": {"train"}, "from ..use.export import x": {"use"},
+                 "from . import corpus": {"data"}}
+    for source, parts in spellings.items():
+        assert imported_parts(source, "azgpt.data.prepare") == parts, source
 
 
 def test_imports_follow_the_flow() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -81,9 +83,13 @@ def test_recipe_settings_override_and_bad_values_are_refused() -> None:
                                                                                   False, True)
     with pytest.raises(ValueError, match="recipe must be one of"):
         GPTConfig.from_recipe("llama3")
-    for bad in ({"position": "alibi"}, {"norm": "batchnorm"}, {"mlp": "geglu"}, {"logit_softcap": -1.0},
-                {"position": "rope", "n_embd": 30, "n_head": 2, "block_size": 8, "vocab_size": 10}):
-        with pytest.raises(ValueError):
+    for bad, message in (({"position": "alibi"}, "position must be one of learned, rope, got 'alibi'"),
+                         ({"norm": "batchnorm"}, "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
+                         ({"mlp": "geglu"}, "mlp must be one of gelu, relu2, swiglu, got 'geglu'"),
+                         ({"logit_softcap": -1.0}, "logit_softcap must be >= 0 (0: off), got -1.0"),
+                         ({"position": "rope", "n_embd": 30, "n_head": 2},
+                          "position rope needs an even head size, got n_embd / n_head = 15")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             GPTConfig(**{**SMALL, **bad})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -123,20 +124,43 @@ class TrainingSpeed(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Lightning's progress bar with the right total under gradient accumulation.
+    """Lightning's progress bar, counting optimizer steps instead of micro-batches.
 
-    Lightning sizes the bar of an endless loader by the remaining *optimizer* steps but advances it once per
-    micro-batch, so with ``accumulate_grad_batches: 4`` it overflows at a quarter of the run.
+    Lightning's bar advances once per micro-batch, so under ``accumulate_grad_batches: 4`` a 150-step run
+    shows 600. This one advances when an optimizer step completes and its total is the steps this epoch
+    will take (the steps left to ``max_steps``, or the epoch's micro-batches divided by the accumulation).
     """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self._steps_at_epoch_start = 0
 
     @property
     def total_train_batches(self) -> int | float:
+        """Optimizer steps in this epoch (``inf`` for an endless loader without ``max_steps``)."""
         trainer = self.trainer
+        batches = trainer.num_training_batches
+        steps = batches if math.isinf(batches) else math.ceil(batches / trainer.accumulate_grad_batches)
         # A time budget's provisional step count (before its plan) is no total to show.
         if trainer.max_steps is not None and 0 < trainer.max_steps < PROVISIONAL_STEPS:
-            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            return min(trainer.num_training_batches, remaining)
-        return trainer.num_training_batches
+            return min(steps, trainer.max_steps - trainer.global_step)
+        return steps
+
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        bar.unit = "step"
+        return bar
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._steps_at_epoch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.fit_loop._should_accumulate():
+            return  # a micro-batch inside an accumulation window: no optimizer step yet
+        super().on_train_batch_end(trainer, pl_module, outputs, batch,
+                                   trainer.global_step - self._steps_at_epoch_start - 1)
 
 
 DEFAULT_PROMPTS = ("Azərbaycan", "Bakı şəhəri", "Bir gün")

@@ -27,7 +27,10 @@ PANELS = (
     ("loss", [("train_loss", "train (step mean, dropout on)"), ("train_eval_loss", "train (fixed blocks, eval)"),
               ("val_loss", "validation")], False),
     ("perplexity", [("train_eval_ppl", "train (fixed blocks, eval)"), ("val_ppl", "validation")], True),
-    ("learning rate", [("lr-AdamW/decay", "lr"), ("lr-AdamW", "lr")], False),
+    # LearningRateMonitor names curves lr-<optimizer class>/<group name>: AdamW alone under the GPT-2 recipe,
+    # MuonWithAdamW (groups muon, decay, no_decay) under the modern one.
+    ("learning rate", [("lr-AdamW/decay", "AdamW"), ("lr-AdamW", "AdamW"), ("lr-MuonWithAdamW/decay", "AdamW"),
+                       ("lr-MuonWithAdamW/muon", "Muon")], False),
     ("tokens / s", [("tokens_per_sec", "tokens/s")], False),
     ("memory (GB)", [("system/rss_gb", "process RSS"), ("system/cuda_mem_peak_gb", "CUDA peak"),
                      ("system/cuda_mem_reserved_gb", "CUDA reserved")], False),
@@ -102,15 +105,20 @@ class RunReport(L.Callback):
 
 # -- the picture ---------------------------------------------------------------------------------------
 
+def drawn_panels(history: RunHistory) -> list[tuple[str, list[tuple[str, str]], bool]]:
+    """The panels of report.png for this run: each of ``PANELS`` with the series it logged, empty ones left out."""
+    panels = [(title, [(tag, label) for tag, label in series if finite(history.curve(tag))], log)
+              for title, series, log in PANELS]
+    return [panel for panel in panels if panel[1]]
+
+
 def _plot(history: RunHistory, run_dir: Path, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    panels = [(title, [(tag, label) for tag, label in series if finite(history.curve(tag))], log)
-              for title, series, log in PANELS]
-    panels = [panel for panel in panels if panel[1]]
+    panels = drawn_panels(history)
     columns = 3 if len(panels) > 4 else 2
     rows = max(1, math.ceil(len(panels) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)

@@ -302,7 +302,7 @@ class TimeBudget(L.Callback):
                 progress = bar.train_progress_bar
             except TypeError:  # not shown yet
                 return
-            progress.total = progress.n + (total - trainer.global_step) * trainer.accumulate_grad_batches
+            progress.total = progress.n + total - trainer.global_step  # StepProgressBar counts optimizer steps
             progress.refresh()
 
     def _announce(self, trainer: L.Trainer, pl_module: L.LightningModule, total: int) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PEAK_RSS_LIMIT = 1 << 30
+# README: "a 35 MB file with no line break peaks at about 150 MB of RAM" (measured 136 MiB on Linux x86-64,
+# torch 2.13). The limit leaves a third for other platforms; holding the line whole costs far more.
+PEAK_RSS_LIMIT = 200 * 2**20
 WORDS = ("Azərbaycan", "Bakı", "şəhəri", "dağların", "başı", "qarla", "örtüldü", "İlqar", "çörək", "ılıq",
          "məktəbdə", "uşaqlar", "əlifbanı", "öyrənirlər", "dəniz", "küçələrində", "gözəl", "tarixi", "Gəncə")
 
@@ -29,7 +31,7 @@ def single_line_file(path: Path, megabytes: int) -> Path:
 
 
 @pytest.mark.slow
-def test_prepare_of_a_35mb_single_line_file_peaks_under_1gb(tmp_path: Path) -> None:
+def test_prepare_of_a_35mb_single_line_file_peaks_near_150mb(tmp_path: Path) -> None:
     corpus = single_line_file(tmp_path / "one_line.txt", 35)
     assert corpus.read_bytes().count(b"\n") == 0
     command = [sys.executable, "-m", "azgpt.cli", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "out"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from azgpt.cli import main
+from azgpt.errors import AzGPTError
 from conftest import tiny_fit_args
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_ckpt_path_best_is_the_best_checkpoint_the_run_recorded(trained_run: Pat
     assert code == 0, err
 
     best.unlink()
-    with pytest.raises(Exception, match=r"--ckpt_path best: .* no longer exists"):
+    with pytest.raises(AzGPTError, match=r"--ckpt_path best: .* no longer exists"):
         resolve_checkpoint("best", folders)
 
 
@@ -123,6 +124,8 @@ def test_ctrl_c_twice_exits_130(prepared_dir: Path, tmp_path: Path, monkeypatch:
         signal.signal(signal.SIGINT, handler)
     assert code == 130, err
     assert "stopped at once by Ctrl-C" in err and "Traceback" not in err
+    # Both presses came as optimizer step 2 began, before any validation or save: nothing may be written.
+    assert list(tmp_path.rglob("*.ckpt")) == []
 
 
 def test_predict_is_not_a_verb(capsys: pytest.CaptureFixture[str]) -> None:

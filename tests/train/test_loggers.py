@@ -104,3 +104,33 @@ def test_a_logger_whose_package_is_missing_names_the_pip_command(tmp_path: Path,
     assert fit(tmp_path, prepared_dir, WANDB_CONFIG, 3) == 2
     err = capsys.readouterr().err
     assert "pip install 'azgpt[wandb]'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_the_overfitting_alert_reaches_csv_and_wandb(logger: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: CSVLogger and W&B get every feature, alerts included. The overfitting run of test_monitoring."""
+    from azgpt.data.prepare import PrepareConfig, prepare
+
+    sample = Path(__file__).resolve().parents[2] / "azgpt" / "sample_corpus" / "hekayeler.txt"
+    lines = [line for line in sample.read_text(encoding="utf-8").splitlines() if line.strip()]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(lines[:10]), encoding="utf-8")
+    prepare(PrepareConfig(out=tmp_path / "data", corpus=[str(tmp_path / "corpus.txt")], vocab_size=300,
+                          block_size=16, val_fraction=0.4))
+    if logger == "wandb":
+        pytest.importorskip("wandb")
+        for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DIR", str(tmp_path))):
+            monkeypatch.setenv(name, value)
+    overrides = ["--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", "8",
+                 "--data.val_max_blocks", "8", "--model.n_embd", "64", "--model.learning_rate", "1e-2",
+                 "--trainer.accumulate_grad_batches", "1", "--val_every_n_steps", "4",
+                 "--trainer.log_every_n_steps", "10", "--early_stopping", "3"]
+    assert fit(tmp_path, tmp_path / "data", CSV_CONFIG if logger == "csv" else WANDB_CONFIG, 80, *overrides) == 0
+    (run,) = [folder for folder in (tmp_path / "lightning_logs").iterdir() if folder.is_dir()]
+    alerts = read_history(run).texts.get("alerts/overfitting", [])
+    assert len(alerts) == 1 and "overfitting: val_loss has not improved" in alerts[0][1], alerts
+    report = (run / "report.md").read_text(encoding="utf-8")
+    # Under W&B the report written at fit end used to read the offline run file before W&B had written the last
+    # validations and the alert into it; the report now waits for the file to be complete.
+    assert "**Overfitting** (the alarm was raised" in report

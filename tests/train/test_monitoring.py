@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,11 +74,20 @@ def test_event_file_holds_the_train_vs_val_layout(trained_run: Path) -> None:
     assert any("val_loss" in t for t in charts["loss"]) and any("train_eval_loss" in t for t in charts["loss"])
     assert any("val_ppl" in t for t in charts["perplexity"]) and any("train_eval_ppl" in t
                                                                      for t in charts["perplexity"])
+    # The gap chart's pattern must match the logged tag exactly (a regex TensorBoard applies to tag names).
+    gap = charts["overfit gap (val_loss - train_eval_loss)"]
+    logged = events(trained_run).Tags()["scalars"]
+    assert [tag for tag in logged if any(re.search(pattern, tag) for pattern in gap)] == ["overfit_gap"]
 
 
 def test_rss_is_logged_with_a_sane_value(trained_run: Path) -> None:
+    import resource
+
+    # The fit ran in this process: every RSS it logged lies between what torch and Lightning alone take
+    # (well over 100 MB) and this process's peak so far (ru_maxrss, KiB on Linux).
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024**3
     values = [v for _, v in curve(trained_run, "system/rss_gb")]
-    assert values and all(0 < v < psutil.virtual_memory().total / 1024**3 for v in values)
+    assert values and all(0.1 < v <= peak_gb for v in values), (values, peak_gb)
     tags = events(trained_run).Tags()["scalars"]
     assert {"system/ram_used_gb", "system/cpu_util"} <= set(tags)
 
@@ -94,6 +103,70 @@ def test_cuda_health_is_read_on_a_gpu() -> None:
     stats = DeviceHealth().read(trainer)
     assert stats["system/cuda_mem_peak_gb"] > 0
     assert 0 < stats["system/gpu_temp_c"] < 120 and 0 <= stats["system/gpu_util"] <= 100
+
+
+class FakeNVML:
+    """torch.cuda's NVML readers with fixed answers, or all raising as they do when pynvml is missing."""
+
+    def __init__(self, missing: bool = False) -> None:
+        self.missing = missing
+        self.devices: list[torch.device] = []
+
+    def _answer(self, value: float, device: torch.device) -> float:
+        if self.missing:
+            raise ModuleNotFoundError("pynvml does not seem to be installed or it can't be imported.")
+        self.devices.append(device)
+        return value
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "utilization", lambda device: self._answer(87, device))
+        monkeypatch.setattr(torch.cuda, "temperature", lambda device: self._answer(64, device))
+        monkeypatch.setattr(torch.cuda, "power_draw", lambda device: self._answer(312_500, device))  # mW
+
+
+def cuda_trainer(monkeypatch: pytest.MonkeyPatch) -> object:
+    """What DeviceHealth.read needs of a trainer on cuda:1, with torch.cuda.memory_stats answering."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators.cuda import CUDAAccelerator
+
+    stats = {"allocated_bytes.all.current": 3 * 1024**3, "reserved_bytes.all.current": 4 * 1024**3,
+             "allocated_bytes.all.peak": 5 * 1024**3}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: dict(stats))
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 1)),
+                           accelerator=CUDAAccelerator())
+
+
+def test_cuda_health_reads_memory_and_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    from azgpt.train.monitoring import DeviceHealth
+
+    nvml = FakeNVML()
+    nvml.install(monkeypatch)
+    stats = DeviceHealth().read(cuda_trainer(monkeypatch))
+    assert stats["system/cuda_mem_allocated_gb"] == 3.0
+    assert stats["system/cuda_mem_reserved_gb"] == 4.0
+    assert stats["system/cuda_mem_peak_gb"] == 5.0
+    assert stats["system/gpu_util"] == 87.0 and stats["system/gpu_temp_c"] == 64.0
+    assert stats["system/gpu_power_w"] == 312.5  # NVML's milliwatts in watts
+    assert nvml.devices == [torch.device("cuda", 1)] * 3  # the trainer's device, not cuda:0
+    assert {"system/rss_gb", "system/ram_used_gb", "system/cpu_util"} <= set(stats)
+
+
+def test_cuda_health_without_nvml_keeps_memory_and_says_so_once(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from azgpt.train.monitoring import DeviceHealth
+
+    FakeNVML(missing=True).install(monkeypatch)
+    health, trainer = DeviceHealth(), cuda_trainer(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        first, second = health.read(trainer), health.read(trainer)
+    for stats in (first, second):
+        assert stats["system/cuda_mem_peak_gb"] == 5.0
+        assert not any(key.startswith("system/gpu_") for key in stats)
+    said = [r.getMessage() for r in caplog.records if "nvidia-ml-py" in r.getMessage()]
+    assert len(said) == 1 and "pynvml does not seem to be installed" in said[0]
 
 
 # -- the overfitting alarm -------------------------------------------------------------------------------

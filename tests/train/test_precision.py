@@ -18,8 +18,20 @@ def test_precision_dtype(precision, dtype) -> None:
     assert precision_dtype(precision) is dtype
 
 
-def test_measure_matmul_flops_is_positive() -> None:
-    assert measure_matmul_flops("cpu", size=64, repeats=1) > 0
+def test_measure_matmul_flops_counts_2n3_per_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock that advances 1 s per matmul, 256² matmuls measure exactly 2 * 256³ FLOP/s."""
+    import types
+
+    clock = types.SimpleNamespace(now=0.0)
+    real_mm = torch.mm
+
+    def mm(a, b):
+        clock.now += 1.0
+        return real_mm(a, b)
+
+    monkeypatch.setattr("azgpt.train.precision.time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(torch, "mm", mm)
+    assert measure_matmul_flops("cpu", size=256, repeats=2, inner=3) == 2 * 256**3
 
 
 @pytest.mark.parametrize("fp32, bf16, expected", [
@@ -47,7 +59,24 @@ def test_fp16_request_is_timed_once_and_the_answer_shared(monkeypatch: pytest.Mo
     assert os.environ[CPU_PRECISION_ENV] == "bf16-mixed"  # what DDP's child processes will read
     second = resolve_cpu_precision(16)
     assert second is not None and second.precision == "bf16-mixed" and CPU_PRECISION_ENV in second.reason
-    assert timed == [torch.float32, torch.bfloat16]
+    assert timed == [torch.float32, torch.bfloat16, torch.bfloat16]  # fp32, the bf16 probe, the bf16 timing
+
+
+def test_emulated_bf16_is_given_up_after_one_small_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AVX2 bf16 runs at about 0.4 GFLOP/s: timing 1024² matmuls like fp32 would take about a minute."""
+    monkeypatch.delenv(CPU_PRECISION_ENV)
+    timed: list[tuple[torch.dtype, int, int, int | None]] = []
+
+    def measure(device, dtype, size=2048, repeats=3, inner=None):
+        timed.append((dtype, size, repeats, inner))
+        return 0.4e9 if dtype is torch.bfloat16 else 40e9
+
+    monkeypatch.setattr("azgpt.train.precision.measure_matmul_flops", measure)
+    choice = resolve_cpu_precision("16-mixed")
+    assert choice is not None and choice.precision == "32-true" and "0.4 GFLOP/s vs 40" in choice.reason
+    # fp32 as before; bf16 one warm-up and one timed 512² matmul (0.27 GFLOP each, about 1.3 s at 0.4 GFLOP/s)
+    # instead of 4 rounds of 3 1024² ones (25 GFLOP, about a minute).
+    assert timed == [(torch.float32, 1024, 3, None), (torch.bfloat16, 512, 1, 1)]
 
 
 def test_environment_variable_must_name_a_cpu_precision(monkeypatch: pytest.MonkeyPatch) -> None:

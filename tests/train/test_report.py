@@ -51,3 +51,34 @@ def test_report_verb_writes_into_the_run_folder(trained_run: Path, capsys: pytes
     (trained_run / "report.md").unlink()
     assert main(["report", str(trained_run)]) == 0
     assert (trained_run / "report.md").is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_the_learning_rate_panel_of_a_gpt2_run(trained_run: Path) -> None:
+    from azgpt.train.history import read_history
+    from azgpt.train.report import drawn_panels
+
+    panels = {title: [label for _, label in series] for title, series, _ in drawn_panels(read_history(trained_run))}
+    assert panels["learning rate"] == ["AdamW"]
+
+
+@pytest.mark.slow
+def test_a_modern_recipe_run_reports_both_learning_rates(prepared_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from azgpt.train.history import read_history
+    from azgpt.train.report import drawn_panels
+    from tests.conftest import tiny_fit_args
+
+    monkeypatch.chdir(tmp_path)
+    args = tiny_fit_args(prepared_dir, max_steps=4, **{"--model.recipe": "modern", "--model.learning_rate": "0.003",
+                                                       "--model.muon_lr": "0.04", "--model.muon_warmup_steps": "2"})
+    assert main(args) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    history = read_history(run)
+    panels = {title: series for title, series, _ in drawn_panels(history)}
+    assert panels["learning rate"] == [("lr-MuonWithAdamW/decay", "AdamW"), ("lr-MuonWithAdamW/muon", "Muon")]
+    muon = [p.value for p in history.curve("lr-MuonWithAdamW/muon")]
+    adamw = [p.value for p in history.curve("lr-MuonWithAdamW/decay")]
+    # Warmup over 2 steps, then cosine decay: the peak is the configured rate.
+    assert max(muon) == pytest.approx(0.04) and max(adamw) == pytest.approx(0.003)
+    assert muon[0] < max(muon) and adamw[0] < max(adamw)
+    assert (run / "report.png").is_file() and "val_bpb" in (run / "report.md").read_text(encoding="utf-8")

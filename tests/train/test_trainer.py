@@ -66,3 +66,22 @@ def test_graceful_stop_and_atomic_saves_work_in_a_notebook_trainer(tmp_path: Pat
     assert saved["global_step"] == 3 and "azgpt" in saved
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
     assert signal.getsignal(signal.SIGTERM) is not GracefulStop._handle  # handlers restored
+
+
+def test_the_readme_notebook_example_validates_a_run(trained_run: Path, prepared_dir: Path) -> None:
+    """README's "From a notebook", as written there (with the tiny run's sizes): the numbers the run logged."""
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dm = AzGPTDataModule(data_dir=str(prepared_dir), vocab_size=TINY_VOCAB, block_size=TINY_BLOCK, batch_size=4,
+                         val_max_blocks=13)
+    model = AzGPT.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    (metrics,) = build_trainer(logger=False).validate(model, datamodule=dm)
+    assert set(metrics) == {"val_loss", "val_ppl", "val_bpb"}
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-5)
+    events = EventAccumulator(str(trained_run), size_guidance={"scalars": 0})
+    events.Reload()
+    # last.ckpt holds the weights of the run's last validation (step 6, the same 13 blocks)
+    for tag in ("val_loss", "val_bpb"):
+        assert metrics[tag] == pytest.approx(events.Scalars(tag)[-1].value, abs=1e-5), tag

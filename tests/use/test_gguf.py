@@ -18,7 +18,7 @@ from azgpt.cli import main
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
 from azgpt.data.chat import DEFAULT_TEMPLATE, Message
-from azgpt.use.gguf import OUTTYPES, export_gguf, gguf_tensors, modelfile, write_gguf
+from azgpt.use.gguf import OUTTYPES, export_gguf, modelfile, write_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -100,24 +100,27 @@ def test_export_writes_one_gguf_and_a_modelfile(exports: dict[str, Path]) -> Non
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_gguf_reader_lists_every_tensor_with_its_shape_and_type(exports, checkpoint, outtype: str) -> None:
     model = checkpoint.build_model()
-    cfg = model.config
-    expected = gguf_tensors(model)
+    C, L = model.config.n_embd, model.config.n_layer
+    # llama.cpp's gpt2 tensors, written down from its loader (src/llama-model.cpp, LLM_ARCH_GPT2), with GGUF's
+    # shapes (ne0 first, so a torch (out, in) matrix reads (in, out)); the head is tied, so no output.weight.
+    block = {"attn_norm.weight": (C,), "attn_norm.bias": (C,), "attn_qkv.weight": (C, 3 * C),
+             "attn_qkv.bias": (3 * C,), "attn_output.weight": (C, C), "attn_output.bias": (C,),
+             "ffn_norm.weight": (C,), "ffn_norm.bias": (C,), "ffn_up.weight": (C, 4 * C), "ffn_up.bias": (4 * C,),
+             "ffn_down.weight": (4 * C, C), "ffn_down.bias": (C,)}
+    expected = {"token_embd.weight": (C, model.config.vocab_size), "position_embd.weight": (C, model.config.block_size),
+                "output_norm.weight": (C,), "output_norm.bias": (C,),
+                **{f"blk.{i}.{name}": shape for i in range(L) for name, shape in block.items()}}
     reader = gguf.GGUFReader(exports[outtype])
     tensors = {t.name: t for t in reader.tensors}
     assert sorted(tensors) == sorted(expected)
-    assert len(tensors) == 2 + 12 * cfg.n_layer + 2  # embeddings, 12 per block, final norm; head tied
-    assert tuple(tensors["token_embd.weight"].shape) == (cfg.n_embd, cfg.vocab_size)  # GGUF lists ne0 first
-    assert tuple(tensors["position_embd.weight"].shape) == (cfg.n_embd, cfg.block_size)
-    assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (cfg.n_embd, 3 * cfg.n_embd)
-    assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (cfg.n_embd, 4 * cfg.n_embd)
-    assert tuple(tensors["blk.0.ffn_down.weight"].shape) == (4 * cfg.n_embd, cfg.n_embd)
     for name, tensor in tensors.items():
-        assert tuple(tensor.shape) == expected[name].shape[::-1], name
-        want = "F32" if expected[name].ndim == 1 else outtype.upper()
+        assert tuple(int(n) for n in tensor.shape) == expected[name], name
+        want = "F32" if len(expected[name]) == 1 else outtype.upper()
         assert tensor.tensor_type.name == want, name
     qkv = tensors["blk.0.attn_qkv.weight"]
-    decoded = gguf.quants.dequantize(qkv.data, qkv.tensor_type).reshape(expected["blk.0.attn_qkv.weight"].shape)
-    assert np.abs(decoded - expected["blk.0.attn_qkv.weight"]).max() <= {"f32": 0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
+    decoded = gguf.quants.dequantize(qkv.data, qkv.tensor_type).reshape(3 * C, C)
+    weight = model.transformer.h[0].attn.c_attn.weight.detach().numpy()
+    assert np.abs(decoded - weight).max() <= {"f32": 0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
 
 
 def test_gguf_metadata_describes_the_model_and_its_tokenizer(exports, checkpoint) -> None:
