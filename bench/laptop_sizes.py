@@ -126,7 +126,8 @@ def main() -> None:
             command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config",
                        "laptop.yaml", *data_args, "--seed_everything", str(seed), "--model.n_layer", str(n_layer),
                        "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
-                       "--trainer.max_steps", str(steps[name]), "--val_every_n_steps", str(max(steps[name] // 10, 1)),
+                       "--budget", "null", "--trainer.max_steps", str(steps[name]),
+                       "--val_every_n_steps", str(max(steps[name] // 10, 1)),
                        "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
             folder = work / f"{name}-seed{seed}"
             if folder.exists():

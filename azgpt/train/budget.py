@@ -74,7 +74,8 @@ class DataBudget:
         return head + [f"tokens per parameter: {self.tokens_per_parameter:,.1f} ({self.parameters:,} parameters; "
                        f"about 20 is compute-optimal)"]
 
-    def warning(self, above_epochs: float) -> str | None:
+    def warning(self, above_epochs: float, remedy: str = "lower trainer.max_steps to about {steps:,}") -> str | None:
+        """The warning above ``above_epochs``; ``remedy`` says how to run fewer steps (``{steps}`` filled in)."""
         if self.epochs <= above_epochs:
             return None
         steps = self.start_step + max(int(above_epochs * self.units / self.units_per_step), 1)
@@ -83,11 +84,11 @@ class DataBudget:
         if self.train_conversations is not None:
             return (f"DATA BUDGET: this fine-tune draws its {self.train_conversations:,} training conversations "
                     f"{times} times over ({limit}), so the model will memorise their replies: fine-tune on more "
-                    f"conversations (data.files: more .jsonl) or lower trainer.max_steps to about {steps:,}")
+                    f"conversations (data.files: more .jsonl) or {remedy.format(steps=steps)}")
         return (f"DATA BUDGET: this run reads its {self.train_tokens:,} training tokens {times} times "
                 f"over ({limit}), so the model will memorise them rather than learn the "
                 f"language: train on a bigger corpus (azgpt corpora lists real ones; data.corpus: [fineweb2-az] "
-                f"with prepare's --max_bytes) or lower trainer.max_steps to about {steps:,}")
+                f"with prepare's --max_bytes) or {remedy.format(steps=steps)}")
 
 
 def budget_of(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> DataBudget:
@@ -121,12 +122,18 @@ class DataBudgetCheck(L.Callback):
         self.warn_above_epochs = warn_above_epochs
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not any(getattr(callback, "plans_steps", False) for callback in trainer.callbacks):
+            self.state(trainer, pl_module)  # else the time budget states it with its plan
+
+    def state(self, trainer: L.Trainer, pl_module: L.LightningModule,
+              remedy: str = "lower trainer.max_steps to about {steps:,}") -> None:
+        """Print the budget of ``trainer.max_steps``, log it as text, warn above ``warn_above_epochs``."""
         datamodule = trainer.datamodule
         if datamodule is None or not getattr(datamodule, "meta", None) or trainer.max_steps <= 0:
             return  # not azgpt's data module, or no step limit to budget
         budget = budget_of(trainer, pl_module, datamodule)
         rank_zero_info("azgpt: data budget: " + "; ".join(budget.lines()))
-        warning = budget.warning(self.warn_above_epochs)
+        warning = budget.warning(self.warn_above_epochs, remedy)
         if warning:
             rank_zero_warn(warning)
         for logger in trainer.loggers:

@@ -17,6 +17,7 @@ from azgpt.errors import AzGPTError
 from azgpt.sampling import Generator, Sampling
 from azgpt.train.loggers import can_hold_text, log_text
 from azgpt.train.precision import measure_matmul_flops, precision_dtype, synchronize
+from azgpt.train.time_budget import PROVISIONAL_STEPS
 from azgpt.data.tokenizer import tokenizer_from_json
 from azgpt.train.lightning_private import should_accumulate
 
@@ -140,7 +141,8 @@ class StepProgressBar(TQDMProgressBar):
         trainer = self.trainer
         batches = trainer.num_training_batches
         steps = batches if math.isinf(batches) else math.ceil(batches / trainer.accumulate_grad_batches)
-        if trainer.max_steps is not None and trainer.max_steps > 0:
+        # A time budget's provisional step count (before its plan) is no total to show.
+        if trainer.max_steps is not None and 0 < trainer.max_steps < PROVISIONAL_STEPS:
             return min(steps, trainer.max_steps - trainer.global_step)
         return steps
 

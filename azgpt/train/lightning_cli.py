@@ -19,6 +19,7 @@ from azgpt.errors import AzGPTError
 from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
 from azgpt.train.loggers import run_dir
 from azgpt.train.module import AzGPT, check_same_architecture, with_recipe
+from azgpt.train.time_budget import TimeBudget, parse_budget
 from azgpt.train.trainer import choose_precision, with_azgpt_defaults
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -110,6 +111,10 @@ class AzGPTCLI(LightningCLI):
         parser.add_argument("--early_stopping", type=int | None, default=None,
                             help="Stop when val_loss has not improved for this many validations "
                                  "(Lightning's EarlyStopping; null: never stop early).")
+        parser.add_argument("--budget", type=str | None, default=None,
+                            help="Train for this long instead of trainer.max_steps (e.g. 30min, 90s, 1.5h, "
+                                 "1h30min): azgpt measures its speed, plans the steps that end on time and "
+                                 "re-plans if the speed changes (azgpt.train.time_budget; null: max_steps).")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -128,6 +133,8 @@ class AzGPTCLI(LightningCLI):
         patience = config.get("early_stopping")
         if patience is not None and (isinstance(patience, bool) or patience < 1):
             raise AzGPTError(f"early_stopping must be a positive number of validations or null, got {patience}")
+        if config.get("budget") is not None:
+            parse_budget(config.budget)  # a bad duration fails here, before any work
 
     def instantiate_classes(self) -> None:
         try:
@@ -158,6 +165,9 @@ class AzGPTCLI(LightningCLI):
             # Checked after each validation only: a run whose steps end before the first one has nothing to check.
             callbacks = [*callbacks, EarlyStopping(monitor="val_loss", mode="min", patience=patience,
                                                    check_on_train_epoch_end=False)]
+        budget = self.config[self.subcommand].get("budget") if self.subcommand else None
+        if budget is not None and self.subcommand == "fit":
+            callbacks = [*callbacks, TimeBudget(budget)]
         kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
 

@@ -55,6 +55,18 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(step: int, warmup_steps: int, total_steps: int, cooldown_fraction: float,
+                        min_lr_ratio: float, shape: str = "linear") -> float:
+    """LR multiplier: linear warmup to 1, constant, then down to ``min_lr_ratio`` over the last
+    ``cooldown_fraction`` of ``total_steps`` (linearly, or as 1 - sqrt of the progress), reaching it on the last
+    step (``step`` counts scheduler steps from 0, so the last optimizer step is ``total_steps - 1``)."""
+    cooldown = max(1, round(cooldown_fraction * total_steps))
+    warm = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    progress = min(1.0, max(0.0, (step + 1 - (total_steps - cooldown)) / cooldown))
+    remaining = 1.0 - (math.sqrt(progress) if shape == "1-sqrt" else progress)
+    return min(warm, min_lr_ratio + (1.0 - min_lr_ratio) * remaining)
+
+
 def with_recipe(hparams: dict[str, Any]) -> dict[str, Any]:
     """``hparams`` with the settings left at None taken from its recipe (GPT-2's values unless it names one)."""
     recipe = hparams.get("recipe") or "gpt2"
@@ -118,9 +130,15 @@ class AzGPT(L.LightningModule):
         muon_momentum: Muon's momentum.
         muon_warmup_steps: Muon's own linear warmup; it then follows the same cosine as AdamW.
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps`` optimizer steps.
-        min_lr_ratio: the cosine ends at ``learning_rate * min_lr_ratio``.
+        min_lr_ratio: the schedule ends at ``learning_rate * min_lr_ratio``.
         warmup_steps: linear warmup length in optimizer steps.
-        decay_steps: optimizer step where the cosine reaches its floor (None: ``trainer.max_steps``).
+        decay_steps: optimizer step where the schedule reaches its floor (None: ``trainer.max_steps``; must be
+            None with a time budget, which plans the steps).
+        lr_schedule: ``cosine`` (warmup, then cosine decay to the floor) or ``wsd`` (warmup-stable-decay: warmup,
+            constant, then a cooldown to the floor on the last step). None: ``wsd`` when a time budget
+            (``--budget``) plans the steps, else ``cosine``. Checkpoints record the one used.
+        cooldown_fraction: the share of the steps the ``wsd`` cooldown takes (at the end).
+        cooldown_shape: the ``wsd`` cooldown: ``linear`` or ``1-sqrt`` (1 - sqrt of its progress).
         weight_decay: AdamW decay, applied to the weights of linear and embedding layers only.
         beta1, beta2, eps: AdamW constants.
         compile: compile the model with ``torch.compile``: true, false, or ``cuda`` (only when training on a
@@ -154,6 +172,9 @@ class AzGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
         decay_steps: int | None = None,
+        lr_schedule: Literal["cosine", "wsd"] | None = None,
+        cooldown_fraction: float = 0.2,
+        cooldown_shape: Literal["linear", "1-sqrt"] = "linear",
         weight_decay: float = 0.1,
         beta1: float = 0.9,
         beta2: float = 0.95,
@@ -179,6 +200,11 @@ class AzGPT(L.LightningModule):
         if learning_rate <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
             raise AzGPTError(f"model: need learning_rate > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0; got "
                              f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
+        if lr_schedule not in (None, "cosine", "wsd"):
+            raise AzGPTError(f"model.lr_schedule must be cosine, wsd or null, got {lr_schedule!r}")
+        if cooldown_shape not in ("linear", "1-sqrt") or not 0 <= cooldown_fraction <= 1:
+            raise AzGPTError(f"model: need cooldown_shape linear or 1-sqrt and 0 <= cooldown_fraction <= 1; got "
+                             f"{cooldown_shape!r}, {cooldown_fraction}")
         self.model = GPT(self.config)
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
         self.data_summary: dict[str, Any] | None = None  # what it was trained on, for the exported model card
@@ -298,9 +324,23 @@ class AzGPT(L.LightningModule):
         if self._trainer is not None and (self.trainer.max_steps is None or self.trainer.max_steps <= 0):
             raise AzGPTError(f"trainer.max_steps must be a positive number of optimizer steps, "
                              f"got {self.trainer.max_steps}")
+        # A time budget (azgpt.train.time_budget) changes max_steps while training: read it at every step then.
+        callbacks = getattr(self._trainer, "callbacks", ()) if self._trainer is not None else ()
+        planned = any(getattr(callback, "plans_steps", False) for callback in callbacks)
+        if planned and hp.decay_steps:
+            raise AzGPTError(f"model.decay_steps must be null with --budget (the budget plans the steps), got "
+                             f"{hp.decay_steps}")
+        self.hparams.lr_schedule = hp.lr_schedule or ("wsd" if planned else "cosine")
+        total = (lambda: self.trainer.max_steps) if planned else (lambda: decay_steps)
         optimizer, warmups = self.build_optimizer()
-        schedule = LambdaLR(optimizer, [
-            lambda step, warmup=warmup: warmup_cosine(step, warmup, decay_steps, hp.min_lr_ratio) for warmup in warmups])
+        if hp.lr_schedule == "wsd":
+            rates = [lambda step, warmup=warmup: warmup_stable_decay(step, warmup, total(), hp.cooldown_fraction,
+                                                                     hp.min_lr_ratio, hp.cooldown_shape)
+                     for warmup in warmups]
+        else:
+            rates = [lambda step, warmup=warmup: warmup_cosine(step, warmup, total(), hp.min_lr_ratio)
+                     for warmup in warmups]
+        schedule = LambdaLR(optimizer, rates)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
     def build_optimizer(self) -> tuple[torch.optim.Optimizer, list[int]]:
