@@ -12,8 +12,9 @@ side by side (the GPU has room); the timed runs go alone. Results: ``gpu_check.j
 Parts: env (versions, GPU, bf16, NVML, which SDPA kernel runs, fused AdamW), quickstart (16-mixed and
 bf16-mixed), resume (SIGTERM at step k, resume, per-step losses against an uninterrupted run), health
 (``system/gpu_*`` logged), throughput (GPT-2 small tokens/s, MFU, peak memory; with and without compile),
-modern (modern recipe with Muon), distributed (DDP and FSDP through Lightning), use (generate, chat, evaluate,
-export from the CUDA-trained checkpoint, on CUDA and on the CPU).
+modern (modern recipe with Muon), distributed (DDP and FSDP through Lightning), budget (``fit --budget`` ends on
+time at the learning-rate floor), use (generate, chat, evaluate, export from the CUDA-trained checkpoint, on CUDA
+and on the CPU).
 """
 
 from __future__ import annotations
@@ -396,6 +397,34 @@ def part_modern(plan: Plan, check: Check) -> None:
     check.figures.update(check_fit_run(check, ran, log_dir, steps, "modern"))
 
 
+def part_budget(plan: Plan, check: Check) -> None:
+    """``fit --budget``: the run plans its own step count, ends near its wall-clock budget, and its last step is
+    at the learning-rate floor (warmup-stable-decay)."""
+    import re
+
+    budget_s = 6 if plan.dry_run else 45
+    log_dir = plan.work / "budget"
+    ran = run(fit_command(plan, log_dir, "--budget", f"{budget_s}s", steps=-1, val_every=10 if plan.dry_run else 50),
+              plan.work, timeout=min(budget_s * 4 + 60, plan.left()))
+    if not check.expect(ran.code == 0, f"--budget {budget_s}s: exit {ran.code}: {ran.tail()}"):
+        return
+    ended = re.search(r"trained to step ([\d,]+) in .* \(([\d.]+)% of the budget\)", ran.out + ran.err)
+    if not check.expect(ended is not None, "no 'trained to step N in ... of the budget' line"):
+        return
+    share = float(ended.group(2)) / 100
+    check.figures.update(budget_s=budget_s, steps=int(ended.group(1).replace(",", "")), share_of_budget=share)
+    curves = read_curves(log_dir / "lightning_logs" / "version_0")
+    lr = [v for _, v in curves.get("lr-AdamW/decay", curves.get("lr-AdamW", []))]
+    floor = 2.0e-3 * 0.1  # quickstart.yaml: learning_rate x min_lr_ratio
+    if check.expect(bool(lr), "no learning-rate curve logged"):
+        check.figures["last_lr_over_floor"] = lr[-1] / floor
+        check.expect(abs(lr[-1] / floor - 1) < 0.01, f"last step's learning rate {lr[-1]:.3g} is not the floor {floor:.3g}")
+    if plan.dry_run:
+        check.notes.append("on a shared CPU the share of the budget is not checked (CI's cores are noisy)")
+    else:
+        check.expect(abs(share - 1) <= 0.05, f"ended at {share:.1%} of its budget, not within 5%")
+
+
 def part_use(plan: Plan, check: Check) -> None:
     """generate, chat (piped), evaluate, export (HF and GGUF) from the 16-mixed run's last.ckpt."""
     ckpt = plan.work / "qs-16-mixed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -563,7 +592,8 @@ def run_side_by_side(plan: Plan, jobs: dict[str, list[str]], timeout: float = 30
 
 PARTS: dict[str, Callable[[Plan, Check], None]] = {
     "env": part_env, "quickstart": part_quickstart, "health": part_health, "resume": part_resume,
-    "modern": part_modern, "distributed": part_distributed, "use": part_use, "throughput": part_throughput}
+    "modern": part_modern, "distributed": part_distributed, "budget": part_budget, "use": part_use,
+    "throughput": part_throughput}
 
 
 def run_part(name: str, plan: Plan) -> Check:
@@ -661,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             order = [p for p in PARTS if p in args.parts]
             # Runs that only need to finish go side by side; throughput is timed alone, at the end.
-            early = [p for p in order if p in ("env", "quickstart", "resume", "modern", "distributed")]
+            early = [p for p in order if p in ("env", "quickstart", "resume", "modern", "distributed", "budget")]
             with concurrent.futures.ThreadPoolExecutor(max_workers=len(early) or 1) as pool:
                 done = {name: pool.submit(run_part, name, plan) for name in early}
                 results = {name: future.result() for name, future in done.items()}

@@ -62,7 +62,9 @@ def test_gpu_check_dry_run(tmp_path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "gpu_check_dry_run.json").read_text())
     checks = {check["part"]: check for check in report["checks"]}
-    assert set(checks) == {"env", "quickstart", "health", "resume", "modern", "distributed", "use", "throughput"}
+    assert set(checks) == {"env", "quickstart", "health", "resume", "modern", "distributed", "budget", "use",
+                           "throughput"}
+    assert checks["budget"]["figures"]["last_lr_over_floor"] == pytest.approx(1.0, abs=0.01)
     assert {check["status"] for check in checks.values()} <= {"ok", "skip"}
     assert checks["quickstart"]["figures"]["16-mixed"]["last_ckpt_step"] == 4
     resume = checks["resume"]["figures"]

@@ -9,6 +9,7 @@ same LightningModule (loss, AdamW groups, NaN guard, validation metrics), Traine
 from __future__ import annotations
 
 import inspect
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -58,8 +59,8 @@ class AzGPTFinetune(AzGPT):
         optimizer: adamw or muon (None: the one the base model was trained with, so a modern-recipe model keeps
             Muon for its block matrices; adamw where the base does not say).
         muon_lr, muon_momentum, muon_warmup_steps, learning_rate, min_lr_ratio, warmup_steps, decay_steps,
-            weight_decay, beta1, beta2, eps, compile: as for ``fit`` (see AzGPT); a new optimizer and schedule
-            start at step 0.
+            lr_schedule, cooldown_fraction, cooldown_shape, weight_decay, beta1, beta2, eps, compile: as for
+            ``fit`` (see AzGPT); a new optimizer and schedule start at step 0.
     """
 
     def __init__(
@@ -81,6 +82,9 @@ class AzGPTFinetune(AzGPT):
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 10,
         decay_steps: int | None = None,
+        lr_schedule: Literal["cosine", "wsd"] | None = None,
+        cooldown_fraction: float = 0.2,
+        cooldown_shape: Literal["linear", "1-sqrt"] = "linear",
         weight_decay: float = 0.0,
         beta1: float = 0.9,
         beta2: float = 0.95,
@@ -104,7 +108,8 @@ class AzGPTFinetune(AzGPT):
                         muon_lr=muon_lr, muon_momentum=muon_momentum, muon_warmup_steps=muon_warmup_steps,
                         learning_rate=learning_rate,
                         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                        weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, compile=compile)
+                        weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, compile=compile,
+                        lr_schedule=lr_schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape)
         super().__init__(**architecture, **settings)
         # The resolved values, so a checkpoint's hyperparameters describe its model without the base file.
         self.save_hyperparameters({"init_from": str(init_from), **architecture, **settings})
