@@ -39,6 +39,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 RESULT_MARK = "GPU_CHECK_RESULT "
+sys.path[:0] = [str(REPO), str(BENCH)]  # azgpt and train_throughput, without PYTHONPATH
 SAMPLE = REPO / "azgpt" / "sample_corpus"
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
 
