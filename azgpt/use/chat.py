@@ -31,6 +31,7 @@ from azgpt.use.generate import parse_device, utf8_stdout
 
 BASE_MODEL_NOTE = ("this checkpoint has no chat template (a base model, not fine-tuned with azgpt finetune): "
                    "each reply is a plain continuation of the conversation's text")
+QUIT_COMMANDS = ("/quit", "/exit")
 HELP = """commands:
   /reset        forget the conversation
   /temp T       sampling temperature (0 = greedy)
@@ -39,7 +40,7 @@ HELP = """commands:
   /tokens N     longest reply, in tokens
   /history      show the turns the model still sees
   /help         this list
-  Ctrl-D        leave"""
+  /quit, /exit  leave (as Ctrl-D does)"""
 
 
 class ChatSession:
@@ -171,7 +172,7 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
     interactive = stdin.isatty()
     if session.template is None:
         print(f"azgpt chat: note: {BASE_MODEL_NOTE}", file=stderr)
-    print("azgpt chat: /help lists the commands, Ctrl-D leaves", file=stderr)
+    print("azgpt chat: /help lists the commands, /quit or Ctrl-D leaves", file=stderr)
     while True:
         try:
             if interactive and stdin is sys.stdin:
@@ -198,6 +199,8 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
             print("azgpt chat: that line is not valid UTF-8 text and was not sent; type it again",
                   file=stderr, flush=True)
             continue
+        if line in QUIT_COMMANDS:
+            return 0
         if line.startswith("/"):
             try:
                 print(session.command(line), file=stdout, flush=True)

@@ -109,3 +109,12 @@ def test_a_missing_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
 
     assert main(["chat", "--ckpt", str(tmp_path / "none.ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["/quit", "/exit"])
+def test_quit_and_exit_leave_like_ctrl_d(session: ChatSession, command: str) -> None:
+    """What people type to leave: exit 0 at once, the lines after it never read or answered."""
+    prompts = record_prompts(session)
+    code, out, err = repl(session, f"Salam\n{command}\nNecəsən?\n")
+    assert code == 0 and len(prompts) == 1
+    assert "unknown command" not in err and "Necəsən?" not in out
