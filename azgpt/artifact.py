@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -72,15 +71,13 @@ def write_model_folder(out: Path, config: GPTConfig, state_dict: dict[str, torch
     meta["metrics"] = {k: v if math.isfinite(v) else None for k, v in (meta.get("metrics") or {}).items()}
     try:
         with atomic_folder(out, overwrite=overwrite) as folder:
-            _safetensors().save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            # Bytes written by Python, not save_file: its Rust writer reports a full disk as SafetensorError, which
+            # write_error below could not tell from a bug.
+            (folder / "model.safetensors").write_bytes(_safetensors().save(tensors, metadata={"format": "pt"}))
             (folder / "config.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
             (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
             (folder / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                                               encoding="utf-8")
-            umask = os.umask(0)
-            os.umask(umask)
-            for path in folder.iterdir():  # safetensors creates its file private (0600); a model is for sharing
-                path.chmod(0o666 & ~umask)
     except OSError as exc:
         error = write_error(exc, out, "the model folder")
         if error is None:

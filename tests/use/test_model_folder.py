@@ -102,3 +102,19 @@ def test_an_infinite_metric_is_written_as_null_and_the_folder_still_loads(tiny_r
     meta = json.loads((out / "meta.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert meta["metrics"] == {"val_loss": 710.0, "val_ppl": None}
     assert load_model(out).summary["metrics"] == {"val_loss": 710.0}
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_model_folder_onto_a_full_or_read_only_disk_is_one_line(tiny_run, tmp_path, capsys, read_only) -> None:
+    """export --format azgpt onto a 64k tmpfs (full at the weights) or a read-only one: one line, exit 2, nothing
+    half-written left behind."""
+    from mount_helpers import tmpfs
+
+    with tmpfs(tmp_path / "disk", read_only=read_only) as disk:
+        code, out, err = run_verb(capsys, "export", "--ckpt", str(tiny_run.ckpt), "--format", "azgpt",
+                                  "--out", str(disk / "model"))
+        assert code == 2 and out == ""
+        errors = [line for line in err.splitlines() if line.startswith("azgpt: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert ("read-only" if read_only else "full") in errors[0]
+        assert list(disk.iterdir()) == []
