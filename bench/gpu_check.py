@@ -14,7 +14,8 @@ bf16-mixed), resume (SIGTERM at step k, resume, per-step losses against an unint
 (``system/gpu_*`` logged), throughput (GPT-2 small tokens/s, MFU, peak memory; with and without compile),
 modern (modern recipe with Muon), distributed (DDP and FSDP through Lightning), budget (``fit --budget`` ends on
 time at the learning-rate floor), use (generate, chat, evaluate, export from the CUDA-trained checkpoint, on CUDA
-and on the CPU).
+and on the CPU); laptop, only when named (laptop.yaml on ../shared's real text for ``--laptop_budget``: held-out
+bits per byte, on time, at the learning-rate floor).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Plan:
     work: Path
     deadline: float
     throughput: list[str] | None = None  # which GPT-2 small runs to time (None: all)
+    shared: Path = REPO.parent / "shared" / "corpus"  # the real text the laptop part trains on
+    laptop_budget: str = "3min"
 
     @property
     def tiny_model(self) -> list[str]:
@@ -426,6 +429,44 @@ def part_budget(plan: Plan, check: Check) -> None:
         check.expect(abs(share - 1) <= 0.05, f"ended at {share:.1%} of its budget, not within 5%")
 
 
+def part_laptop(plan: Plan, check: Check) -> None:
+    """``fit --config quickstart.yaml --config laptop.yaml`` on ../shared's real text (web, legal, quran, social;
+    wiki and poetry held out, as bench/laptop_sizes.py gives it) for ``--laptop_budget``: what that config reaches
+    in that time on this machine (held-out bits per byte), and that it ends on time at the learning-rate floor."""
+    import re
+
+    if not plan.shared.is_dir():
+        check.skip(f"no corpus folder {plan.shared} (give --shared)")
+        return
+    corpus = lambda *names: "[" + ", ".join(str(plan.shared / f"{n}.txt.gz") for n in names) + "]"  # noqa: E731
+    budget = "12s" if plan.dry_run else plan.laptop_budget
+    log_dir = plan.work / "laptop"
+    command = azgpt("fit", "--config", "quickstart.yaml", "--config", "laptop.yaml", *plan.tiny_model,
+                    "--budget", budget, "--data.data_dir", str(plan.work / "data" / "shared-az"),
+                    "--data.corpus", corpus("web", "legal", "quran", "social"), "--data.max_bytes", "null",
+                    "--data.val_corpus", corpus("wiki", "poetry"), "--trainer.enable_progress_bar", "false",
+                    "--trainer.log_every_n_steps", "1",
+                    "--trainer.logger.init_args.save_dir", str(log_dir))
+    if not plan.dry_run:
+        command += ["--trainer.precision", "bf16-mixed" if plan.cuda else "32-true"]
+    ran = run(command, plan.work, timeout=plan.left() - 5)
+    if not check.expect(ran.code == 0, f"laptop --budget {budget}: exit {ran.code}: {ran.tail()}"):
+        return
+    ended = re.search(r"trained to step ([\d,]+) in .* \(([\d.]+)% of the budget\)", ran.out + ran.err)
+    if check.expect(ended is not None, "no 'trained to step N in ... of the budget' line"):
+        check.figures.update(budget=budget, steps=int(ended.group(1).replace(",", "")),
+                             share_of_budget=float(ended.group(2)) / 100, seconds_end_to_end=round(ran.seconds, 1))
+    curves = read_curves(log_dir / "lightning_logs" / "version_0")
+    bpb = [v for _, v in curves.get("val_bpb", [])]
+    if check.expect(bool(bpb), "no val_bpb logged"):
+        check.figures.update(val_bpb_first=bpb[0], val_bpb_last=bpb[-1], val_bpb_best=min(bpb))
+    lr = [v for _, v in curves.get("lr-MuonWithAdamW/decay", curves.get("lr-AdamW/decay", []))]
+    floor = 3.0e-3 * 0.1  # laptop.yaml's AdamW rate x quickstart.yaml's min_lr_ratio
+    if check.expect(bool(lr), f"no AdamW learning-rate curve among {sorted(curves)}"):
+        check.figures["last_lr_over_floor"] = lr[-1] / floor
+        check.expect(abs(lr[-1] / floor - 1) < 0.01, f"last step's learning rate {lr[-1]:.3g} is not the floor")
+
+
 def part_use(plan: Plan, check: Check) -> None:
     """generate, chat (piped), evaluate, export (HF and GGUF) from the 16-mixed run's last.ckpt."""
     ckpt = plan.work / "qs-16-mixed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -594,7 +635,8 @@ def run_side_by_side(plan: Plan, jobs: dict[str, list[str]], timeout: float = 30
 PARTS: dict[str, Callable[[Plan, Check], None]] = {
     "env": part_env, "quickstart": part_quickstart, "health": part_health, "resume": part_resume,
     "modern": part_modern, "distributed": part_distributed, "budget": part_budget, "use": part_use,
-    "throughput": part_throughput}
+    "throughput": part_throughput, "laptop": part_laptop}
+DEFAULT_PARTS = [p for p in PARTS if p != "laptop"]  # laptop needs ../shared and minutes: asked for by name
 
 
 def run_part(name: str, plan: Plan) -> Check:
@@ -659,7 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true", help="the same parts on the CPU with tiny shapes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where the JSON and table go")
     parser.add_argument("--budget_s", type=float, default=450, help="stop starting parts after this many seconds")
-    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=DEFAULT_PARTS,
+                        help="default: all but laptop")
+    parser.add_argument("--shared", type=Path, default=Plan.shared, help="the laptop part's corpus folder")
+    parser.add_argument("--laptop_budget", default=Plan.laptop_budget, help="the laptop part's --budget")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--throughput", nargs="+", default=None, metavar="RUN",
                         help='GPT-2 small runs to time, e.g. "bf16 b24x2 compile" (default: all)')
@@ -683,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         plan = Plan(dry_run=args.dry_run, cuda=cuda and not args.dry_run, work=work,
-                    deadline=started + args.budget_s, throughput=args.throughput)
+                    deadline=started + args.budget_s, throughput=args.throughput, shared=args.shared,
+                    laptop_budget=args.laptop_budget)
         prepared = prepare_data(plan)
         checks: list[Check] = []
         if prepared.code != 0:

@@ -7,9 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+# The suite checks behaviour on the CPU on every machine, a GPU one included (its expected values, precisions
+# and devices are the CPU's); bench/gpu_check.py is what checks the CUDA path. Set before torch looks for one.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from azgpt.data.prepare import PrepareConfig, prepare
+import pytest  # noqa: E402
+
+from azgpt.data.prepare import PrepareConfig, prepare  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_VOCAB = 512

@@ -80,7 +80,7 @@ def run_cli(workdir: Path, args: list[str], *, devices: int, torchrun: bool = Fa
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}"]
                 if torchrun else [sys.executable])
     command = [*launcher, "-m", "azgpt.cli", *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
