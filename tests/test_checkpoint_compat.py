@@ -16,11 +16,20 @@ from azgpt.data.prepare import PrepareConfig, prepare
 OLD = Path(__file__).resolve().parent / "fixtures" / "azgpt-0.2.0-tiny.ckpt"
 
 
+# What the code that wrote the fixture (the parent of the commit that added it) computes from it: the ids of
+# "Bakı şəhəri" and the first 8 logits after them, so a change in how the file is read or the model computes is seen.
+OLD_IDS = [34, 65, 75, 258, 221, 260, 257, 72, 261, 73]
+OLD_LOGITS = [-0.14932, -0.17308, 0.07186, 0.11224, -0.09629, 0.04096, 0.11078, -0.06147]
+
+
 def test_an_old_checkpoint_loads_and_generates(capsys) -> None:
     model = load_model(OLD)
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (1, 32, 300)
-    logits, _ = model.build_model()(torch.tensor([model.tokenizer.encode("Bakı şəhəri").ids]))
-    assert torch.isfinite(logits).all()
+    gpt = model.build_model().eval()
+    assert model.tokenizer.encode("Bakı şəhəri").ids == OLD_IDS
+    with torch.no_grad():
+        logits, _ = gpt(torch.tensor([OLD_IDS]))
+    assert torch.allclose(logits[0, -1, :8], torch.tensor(OLD_LOGITS), atol=1e-5)
     assert main(["generate", "--ckpt", str(OLD), "--prompt", "Bakı", "--max_new_tokens", "8", "--temperature", "0",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("Bakı")
