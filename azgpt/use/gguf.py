@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.atomic import atomic_folder, write_error
+from azgpt.atomic import atomic_output, check_target
 from azgpt.artifact import load_model
 from azgpt.data.chat import ChatTemplate
 from azgpt.data.tokenizer import EOT
@@ -262,15 +262,12 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
                 overwrite: bool = False) -> tuple[Path, str | None]:
     """Export ``checkpoint_path`` into the folder ``out`` as ``<out name>-<outtype>.gguf`` and ``Modelfile``.
 
-    Written all at once (``azgpt.atomic.atomic_folder``): a failure leaves ``out`` as it was. Returns the GGUF
+    Written all at once (``azgpt.atomic.atomic_output``): a failure leaves ``out`` as it was. Returns the GGUF
     file's path and, for a model trained with exact GELU, a note on what llama.cpp's tanh GELU changes.
     """
     import_gguf()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # before the slow part; atomic_folder checks again
-        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
+    check_target(out, overwrite, "--out")  # before the slow part; atomic_output checks again
     check_outtype_name(outtype)
     checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
@@ -279,14 +276,8 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
     chat = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
     name = out.resolve().name
     gguf_name = f"{name}-{outtype}.gguf"
-    try:
-        with atomic_folder(out, overwrite=overwrite) as folder:
-            write_gguf(model, checkpoint.tokenizer, folder / gguf_name, outtype, name=name, chat=chat)
-            text = modelfile(gguf_name, name, model.config.block_size, chat)
-            (folder / "Modelfile").write_text(text, encoding="utf-8")
-    except OSError as exc:
-        error = write_error(exc, out, "--out")
-        if error is None:
-            raise
-        raise error from None
+    with atomic_output(out, "--out", overwrite=overwrite) as folder:
+        write_gguf(model, checkpoint.tokenizer, folder / gguf_name, outtype, name=name, chat=chat)
+        text = modelfile(gguf_name, name, model.config.block_size, chat)
+        (folder / "Modelfile").write_text(text, encoding="utf-8")
     return out / gguf_name, gelu_note(model, checkpoint.tokenizer)
