@@ -21,9 +21,9 @@ from azgpt.data.loading import EndlessBatches, IndexedDataModule, padded_length
 from azgpt.data.prepare import (OUTPUT_FILES, PrepareConfig, prepare, prepared_from_other_data, read_meta,
                                 token_dtype)
 from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
+from azgpt.targets import PAD_TARGET
 
 _WAIT_FOR_PREPARE_SECONDS = 3600
-PAD_TARGET = -1  # the target GPT's loss ignores: padding blocks add no loss and no tokens
 
 
 class RandomTrainBlocks(EndlessBatches):

@@ -17,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from azgpt.data.chat import DEFAULT_TEMPLATE, ChatTemplate, read_conversations, sample_instructions_path
-from azgpt.data.datamodule import PAD_TARGET
 from azgpt.data.loading import EndlessBatches, IndexedDataModule, padded_length
 from azgpt.data.tokenizer import tokenizer_from_json, tokenizer_sha256
 from azgpt.errors import AzGPTError
+from azgpt.targets import PAD_TARGET
 
 Example = tuple[list[int], list[int]]  # (input ids, target ids) of one conversation
 

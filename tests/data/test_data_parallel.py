@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from azgpt.data.datamodule import PAD_TARGET, AzGPTDataModule, FixedValBlocks
+from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks
+from azgpt.targets import PAD_TARGET
 from azgpt.train.module import AzGPT
 from azgpt.data.prepare import PrepareConfig, prepare
 
