@@ -20,7 +20,7 @@ from azgpt.errors import AzGPTError
 from azgpt.data.loading import EndlessBatches, IndexedDataModule, padded_length
 from azgpt.data.prepare import (OUTPUT_FILES, PrepareConfig, prepare, prepared_from_other_data, read_meta,
                                 token_dtype)
-from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
+from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, other_tokenizer
 from azgpt.targets import PAD_TARGET
 
 _WAIT_FOR_PREPARE_SECONDS = 3600
@@ -159,7 +159,6 @@ class AzGPTDataModule(IndexedDataModule):
         self.max_bytes = max_bytes
         self.val_corpus = val_corpus
         self.tokenizer_json: str | None = None
-        self.byte_lengths: list[int] | None = None
         self.meta: dict | None = None
         self._train: np.ndarray | None = None
         self._val: np.ndarray | None = None
@@ -215,15 +214,14 @@ class AzGPTDataModule(IndexedDataModule):
         self._val = self._open_tokens("val.npy")
         self._check_token_files(meta)
         self.tokenizer_json = tokenizer.to_str()
-        self.byte_lengths = token_byte_lengths(tokenizer)
         self.meta = meta
 
     def _check_consistency(self, meta: dict, tokenizer) -> None:
         where = self.data_dir / "meta.json"
-        sha = tokenizer_sha256(tokenizer)
-        if meta.get("tokenizer_sha256") != sha:
+        other = other_tokenizer(meta.get("tokenizer_sha256"), tokenizer)
+        if other:
             raise AzGPTError(f"{where} was written for another tokenizer than {self.data_dir}/tokenizer.json "
-                             f"(sha256 differs): prepare the folder again with azgpt prepare --overwrite")
+                             f"({other}): prepare the folder again with azgpt prepare --overwrite")
         if meta.get("vocab_size") != tokenizer.get_vocab_size():
             raise AzGPTError(f"{where} says vocab_size {meta.get('vocab_size')} but the tokenizer has "
                              f"{tokenizer.get_vocab_size()}: prepare the folder again")
