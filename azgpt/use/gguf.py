@@ -28,11 +28,10 @@ from tokenizers import Tokenizer
 from azgpt import __version__
 from azgpt.atomic import atomic_output, check_target
 from azgpt.artifact import load_model
-from azgpt.data.chat import ChatTemplate
+from azgpt.data.chat import TEMPLATE_TEXT_WARNING, ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, NORM_EPS
-from azgpt.data.chat import TEMPLATE_TEXT_WARNING
 from azgpt.use.adapters import CONV1D_WEIGHTS, gpt2_state_dict, hf_architecture, llama_state_dict
 
 OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp runs for both
@@ -41,7 +40,6 @@ DEFAULT_OUTTYPE: OutType = "f16"
 # llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.adapters.hf_architecture)
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
-LAYER_NORM_EPS = 1e-5
 PROBE_TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir."
 # Ollama's defaults for a model without its own: azgpt generate's temperature, a top-k/top-p cut that keeps a
 # small model off its long tail, and as many new tokens as azgpt generate writes.
@@ -184,7 +182,7 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = 
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     if arch == "gpt2":
-        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        writer.add_layer_norm_eps(NORM_EPS)
     else:
         writer.add_head_count_kv(cfg.n_head)
         writer.add_layer_norm_rms_eps(NORM_EPS)
