@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.atomic import atomic_folder, write_error
+from azgpt.atomic import atomic_output
 from azgpt.checkpoint import CHECKPOINT_KEY, Checkpoint, check_weights, load_checkpoint
 from azgpt.data.tokenizer import tokenizer_from_json
 from azgpt.errors import AzGPTError
@@ -69,20 +69,14 @@ def write_model_folder(out: Path, config: GPTConfig, state_dict: dict[str, torch
     meta = {"format_version": FOLDER_VERSION, "azgpt_version": __version__, **meta}
     # JSON has no infinity: a perplexity past e^709 is written as null, not as invalid JSON.
     meta["metrics"] = {k: v if math.isfinite(v) else None for k, v in (meta.get("metrics") or {}).items()}
-    try:
-        with atomic_folder(out, overwrite=overwrite) as folder:
-            # Bytes written by Python, not save_file: its Rust writer reports a full disk as SafetensorError, which
-            # write_error below could not tell from a bug.
-            (folder / "model.safetensors").write_bytes(_safetensors().save(tensors, metadata={"format": "pt"}))
-            (folder / "config.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-            (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-            (folder / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-                                              encoding="utf-8")
-    except OSError as exc:
-        error = write_error(exc, out, "the model folder")
-        if error is None:
-            raise
-        raise error from None
+    with atomic_output(out, "the model folder", overwrite=overwrite) as folder:
+        # Bytes written by Python, not save_file: its Rust writer reports a full disk as SafetensorError, which
+        # atomic_output could not tell from a bug.
+        (folder / "model.safetensors").write_bytes(_safetensors().save(tensors, metadata={"format": "pt"}))
+        (folder / "config.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                                          encoding="utf-8")
     return out
 
 

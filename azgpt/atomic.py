@@ -3,8 +3,9 @@
 - ``create_exclusive``: open a new file for writing that did not exist before (never through a symlink).
 - ``FolderLock``: one writer per output folder, by exclusive creation of a lock file.
 - ``atomic_folder`` / ``atomic_file``: build a folder (file) under a temporary sibling name and rename it into
-  place when complete.
-- ``write_error``: an ``OSError`` while writing (disk full, read-only, no permission) as one clear line.
+  place when complete; ``check_target`` refuses what ``atomic_folder`` would, before any slow work.
+- ``write_error``: an ``OSError`` while writing (disk full, read-only, no permission) as one clear line;
+  ``atomic_output``: ``atomic_folder`` with its write errors so reported, for every command that writes a folder.
 
 The standard library has the pieces (``os.open`` flags, ``os.replace``) but no such helpers; ``tempfile`` names
 are random and live elsewhere, while these sit beside their target so the final rename never crosses filesystems.
@@ -130,10 +131,7 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     temporary folder is built inside it and its files are renamed in.
     """
     target = _named(Path(target))
-    if target.exists() and not target.is_dir():
-        raise AzGPTError(f"{target} is a file: give a folder to write into")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise AzGPTError(f"{target} is not empty: choose a new folder or pass --overwrite")
+    check_target(target, overwrite)
     in_place = target.is_dir() and _is_current_folder(target)
     home = target if in_place else target.parent
     home.mkdir(parents=True, exist_ok=True)
@@ -161,6 +159,30 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
             fsync_folder(target.parent)
     finally:
         _remove(temporary)
+
+
+def check_target(target: Path, overwrite: bool = False, option: str = "") -> None:
+    """Refuse a ``target`` folder that is a file, or that holds files while not ``overwrite``; ``option`` (such
+    as ``--out``) is named in the message."""
+    named = f"{option} {target}" if option else str(target)
+    if target.exists() and not target.is_dir():
+        raise AzGPTError(f"{named} is a file: give a folder to write into")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise AzGPTError(f"{named} is not empty: choose a new folder or pass --overwrite")
+
+
+@contextmanager
+def atomic_output(target: Path, option: str, overwrite: bool = False) -> Iterator[Path]:
+    """``atomic_folder(target, overwrite)``, with a full disk, a read-only filesystem or a denied permission met
+    while writing it raised as ``write_error``'s one line naming ``option`` (``--out``, ``the model folder``)."""
+    try:
+        with atomic_folder(target, overwrite=overwrite) as folder:
+            yield folder
+    except OSError as exc:
+        error = write_error(exc, target, option)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _named(path: Path) -> Path:

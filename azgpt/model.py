@@ -22,10 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from azgpt.targets import PAD_TARGET
 
-# The target id the loss skips (padding, prompts of instruction data, scored-before tokens): the data side
-# writes it as azgpt.data.datamodule.PAD_TARGET, which cannot import this module (tests/test_model.py ties them).
-IGNORED_TARGET = -1
 # activation name -> nn.GELU's `approximate` argument
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 POSITIONS = ("learned", "rope")
@@ -365,14 +363,14 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """idx (B,T) int64 -> logits (B,T,padded_vocab_size) and mean cross-entropy loss if targets given.
 
-        Target positions equal to -1 are ignored by the loss.
+        Target positions equal to ``PAD_TARGET`` are ignored by the loss.
         """
         self._check_idx(idx)
         logits = self._logits(idx)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORED_TARGET
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=PAD_TARGET
             )
         return logits, loss
 

@@ -13,13 +13,14 @@ ALLOWED = {
     "atomic": {"errors"},  # safe writes of files and folders, used by every stage that writes
     "runtime": set(),
     "argv": set(),  # list options spelled one way in every verb
-    "model": set(),
-    "data": {"errors", "atomic"},
+    "targets": set(),  # the target id the loss skips, written by the data: below both
+    "model": {"targets"},
+    "data": {"errors", "atomic", "targets"},
     "checkpoint": {"errors", "model", "data"},
     "artifact": {"errors", "atomic", "model", "data", "checkpoint"},  # the model folder, and load_model for both
     "sampling": {"errors", "model", "data", "checkpoint", "artifact"},
-    "train": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling", "argv"},
-    "use": {"errors", "atomic", "model", "data", "checkpoint", "artifact", "sampling"},
+    "train": {"errors", "atomic", "targets", "model", "data", "checkpoint", "artifact", "sampling", "argv"},
+    "use": {"errors", "atomic", "targets", "model", "data", "checkpoint", "artifact", "sampling"},
     "cli": {"errors", "runtime", "train", "argv"},  # the other verbs are imported by name from cli.VERBS when run
 }
 

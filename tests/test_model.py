@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from azgpt.model import GPT, GPTConfig
+from azgpt.targets import PAD_TARGET
 
 
 def small_config(**overrides) -> GPTConfig:
@@ -94,13 +95,13 @@ def test_logits_have_padded_width() -> None:
     assert logits.shape == (2, 5, 320)
 
 
-def test_loss_ignores_minus_one_targets() -> None:
+def test_loss_ignores_pad_targets() -> None:
     model = small_model()
     idx = torch.randint(0, 300, (2, 16))
     targets = torch.randint(0, 300, (2, 16))
     logits, _ = model(idx)
     masked = targets.clone()
-    masked[:, 8:] = -1
+    masked[:, 8:] = PAD_TARGET
     _, loss = model(idx, masked)
     expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 320), targets[:, :8].reshape(-1))
     torch.testing.assert_close(loss, expected)
@@ -361,11 +362,3 @@ def test_generate_argument_validation(kwargs: dict, name: str) -> None:
     kwargs = dict(max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=name):
         list(model.generate(torch.zeros(1, 3, dtype=torch.long), **kwargs))
-
-
-def test_the_data_pads_with_the_target_the_loss_ignores() -> None:
-    """One value, two names: data cannot import the model (layering), so this test ties them."""
-    from azgpt.data.datamodule import PAD_TARGET
-    from azgpt.model import IGNORED_TARGET
-
-    assert PAD_TARGET == IGNORED_TARGET

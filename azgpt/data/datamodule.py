@@ -1,57 +1,29 @@
 """AzGPTDataModule: memory-mapped token blocks for training and validation.
 
-Training blocks are a pure function of (seed, step, micro-batch, row, rank): resuming at optimizer step
-``s`` replays exactly the blocks an uninterrupted run would have drawn, with no loader state to save,
-and every DDP rank draws different blocks. Validation uses a fixed list of non-overlapping blocks; with
-several processes each block is evaluated by exactly one of them.
+Training blocks are a pure function of (seed, step, micro-batch, row, rank) and validation uses a fixed list of
+non-overlapping blocks, each evaluated by exactly one process (``azgpt.data.loading`` says how).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from azgpt.errors import AzGPTError
+from azgpt.data.loading import EndlessBatches, IndexedDataModule, padded_length
 from azgpt.data.prepare import (OUTPUT_FILES, PrepareConfig, prepare, prepared_from_other_data, read_meta,
                                 token_dtype)
-from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, token_byte_lengths, tokenizer_sha256
+from azgpt.data.tokenizer import check_vocab_size, load_tokenizer, other_tokenizer
+from azgpt.targets import PAD_TARGET
 
 _WAIT_FOR_PREPARE_SECONDS = 3600
-PAD_TARGET = -1  # the target GPT's loss ignores: padding blocks add no loss and no tokens
-
-
-def block_offsets(seed: int, rank: int, micro_batch_index: int, batch_size: int, high: int) -> np.ndarray:
-    """Start offsets of the rows of one training micro-batch.
-
-    ``micro_batch_index`` is ``step * accumulate_grad_batches + micro``; each (seed, rank, index) has its
-    own random stream, so the result depends on nothing else.
-    """
-    rng = np.random.default_rng([seed, rank, micro_batch_index])
-    return rng.integers(0, high, size=batch_size)
-
-
-class EndlessBatches(IterableDataset):
-    """Micro-batches ``start_index``, ``start_index + 1``, ... for ever; a subclass says what ``batch_at`` gives."""
-
-    start_index = 0
-
-    def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = self.start_index
-        while True:
-            yield self.batch_at(index)
-            index += 1
 
 
 class RandomTrainBlocks(EndlessBatches):
@@ -59,21 +31,15 @@ class RandomTrainBlocks(EndlessBatches):
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
                  start_index: int = 0) -> None:
+        super().__init__(batch_size, seed, rank, start_index)
         self.tokens = tokens
         self.block_size = block_size
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.start_index = start_index
 
     def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of micro-batch ``index`` (the same every time it is asked for)."""
-        high = len(self.tokens) - self.block_size
-        offsets = block_offsets(self.seed, self.rank, index, self.batch_size, high)
+        offsets = self.rows(index, len(self.tokens) - self.block_size)
         window = np.stack([self.tokens[o : o + self.block_size + 1] for o in offsets]).astype(np.int64)
         window = torch.from_numpy(window)
         return window[:, :-1], window[:, 1:]
-
 
 
 class FixedValBlocks(Dataset):
@@ -90,7 +56,7 @@ class FixedValBlocks(Dataset):
         self.block_size = block_size
         available = (len(tokens) - 1) // block_size
         self.num_blocks = available if max_blocks is None else min(available, max_blocks)
-        self.padded_length = -(-self.num_blocks // num_replicas) * num_replicas
+        self.padded_length = padded_length(self.num_blocks, num_replicas)
 
     def __len__(self) -> int:
         return self.padded_length
@@ -138,7 +104,7 @@ class FixedTrainBlocks(FixedValBlocks):
         return int(index * self._spacing)
 
 
-class AzGPTDataModule(L.LightningDataModule):
+class AzGPTDataModule(IndexedDataModule):
     """Token files in ``data_dir``, built from ``corpus`` by ``prepare_data`` when they are missing.
 
     Args:
@@ -193,7 +159,6 @@ class AzGPTDataModule(L.LightningDataModule):
         self.max_bytes = max_bytes
         self.val_corpus = val_corpus
         self.tokenizer_json: str | None = None
-        self.byte_lengths: list[int] | None = None
         self.meta: dict | None = None
         self._train: np.ndarray | None = None
         self._val: np.ndarray | None = None
@@ -249,15 +214,14 @@ class AzGPTDataModule(L.LightningDataModule):
         self._val = self._open_tokens("val.npy")
         self._check_token_files(meta)
         self.tokenizer_json = tokenizer.to_str()
-        self.byte_lengths = token_byte_lengths(tokenizer)
         self.meta = meta
 
     def _check_consistency(self, meta: dict, tokenizer) -> None:
         where = self.data_dir / "meta.json"
-        sha = tokenizer_sha256(tokenizer)
-        if meta.get("tokenizer_sha256") != sha:
+        other = other_tokenizer(meta.get("tokenizer_sha256"), tokenizer)
+        if other:
             raise AzGPTError(f"{where} was written for another tokenizer than {self.data_dir}/tokenizer.json "
-                             f"(sha256 differs): prepare the folder again with azgpt prepare --overwrite")
+                             f"({other}): prepare the folder again with azgpt prepare --overwrite")
         if meta.get("vocab_size") != tokenizer.get_vocab_size():
             raise AzGPTError(f"{where} says vocab_size {meta.get('vocab_size')} but the tokenizer has "
                              f"{tokenizer.get_vocab_size()}: prepare the folder again")
@@ -295,25 +259,6 @@ class AzGPTDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------------
 
-    def _data_parallel(self) -> tuple[int, int]:
-        """(number of data-parallel replicas, this process's replica index); (1, 0) without a trainer.
-
-        The strategy's sampler arguments, not the global rank: they are the same under DDP and FSDP, and
-        under model-parallel strategies processes that share one replica must read the same data.
-        """
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        kwargs = trainer.distributed_sampler_kwargs
-        if not kwargs:
-            return 1, 0
-        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
-
-    def _first_micro_batch(self) -> int:
-        """Micro-batch index to draw first, read from the trainer after any checkpoint restore."""
-        trainer = self.trainer
-        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
-
     def train_dataset(self) -> RandomTrainBlocks:
         self._require_setup()
         _, rank = self._data_parallel()
@@ -331,33 +276,14 @@ class AzGPTDataModule(L.LightningDataModule):
         replicas, _ = self._data_parallel()
         return FixedTrainBlocks(self._train, self.block_size, self.val_dataset().num_blocks, num_replicas=replicas)
 
-    def _generator(self) -> torch.Generator:
-        # Each DataLoader iterator draws a seed; from its own generator it leaves the global RNG (dropout) alone,
-        # so validations and resumes do not shift the dropout masks of later steps.
-        return torch.Generator().manual_seed(self.seed)
-
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), generator=self._generator())
+        return self._train_loader(self.train_dataset())
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """The validation blocks; while fitting, also the fixed training blocks (``train_eval_loss``)."""
         if getattr(getattr(self.trainer, "state", None), "fn", None) == TrainerFn.FITTING:
             return [self._eval_loader(self.val_dataset()), self._eval_loader(self.train_eval_dataset())]
         return self._eval_loader(self.val_dataset())
-
-    def _eval_loader(self, dataset: FixedValBlocks) -> DataLoader:
-        replicas, rank = self._data_parallel()
-        # Our own DistributedSampler over the padded list: Lightning keeps any DistributedSampler it finds,
-        # whatever trainer.use_distributed_sampler says, while its default one would pad with duplicates.
-        sampler = (DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
-                   if replicas > 1 else None)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          generator=self._generator())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
     def _require_setup(self) -> None:
         if self.meta is None:

@@ -2,26 +2,25 @@
 
 Each conversation becomes one row of at most ``block_size + 1`` token ids; targets outside the assistant's
 replies are ``PAD_TARGET``, so the loss (and validation's NLL and byte counts) cover response tokens only.
-Rows are padded to the longest in their batch. As in pretraining, the training micro-batch at index ``i`` is
-a pure function of (seed, rank, i): a resumed fine-tune draws exactly the rows an uninterrupted one would.
+Rows are padded to the longest in their batch. Drawn and split across processes as pretraining blocks are
+(``azgpt.data.loading``): a resumed fine-tune draws exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from azgpt.data.chat import DEFAULT_TEMPLATE, ChatTemplate, read_conversations, sample_instructions_path
-from azgpt.data.datamodule import PAD_TARGET, EndlessBatches, block_offsets
+from azgpt.data.loading import EndlessBatches, IndexedDataModule, padded_length
 from azgpt.data.tokenizer import tokenizer_from_json, tokenizer_sha256
 from azgpt.errors import AzGPTError
+from azgpt.targets import PAD_TARGET
 
 Example = tuple[list[int], list[int]]  # (input ids, target ids) of one conversation
 
@@ -51,17 +50,13 @@ class RandomExamples(EndlessBatches):
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, rank: int = 0,
                  start_index: int = 0) -> None:
+        super().__init__(batch_size, seed, rank, start_index)
         self.examples = examples
-        self.batch_size = batch_size
-        self.seed = seed
         self.pad_id = pad_id
-        self.rank = rank
-        self.start_index = start_index
 
     def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = block_offsets(self.seed, self.rank, index, self.batch_size, len(self.examples))
+        rows = self.rows(index, len(self.examples))
         return collate([self.examples[int(r)] for r in rows], self.pad_id)
-
 
 
 class FixedExamples(Dataset):
@@ -69,7 +64,7 @@ class FixedExamples(Dataset):
 
     def __init__(self, examples: list[Example], num_replicas: int = 1) -> None:
         self.examples = examples
-        self.padded_length = -(-len(examples) // num_replicas) * num_replicas
+        self.padded_length = padded_length(len(examples), num_replicas)
 
     def __len__(self) -> int:
         return self.padded_length
@@ -81,7 +76,7 @@ class FixedExamples(Dataset):
         return inputs, [PAD_TARGET] * len(targets)
 
 
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(IndexedDataModule):
     """Instruction conversations for supervised fine-tuning.
 
     Args:
@@ -157,31 +152,13 @@ class InstructionDataModule(L.LightningDataModule):
                 "splits": {"train": {"tokens": counted(self._train), "conversations": len(self._train)},
                            "val": {"tokens": counted(self._val), "conversations": len(self._val)}}}
 
-    def _data_parallel(self) -> tuple[int, int]:
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs:
-            return 1, 0
-        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
-
     def train_dataloader(self) -> DataLoader:
         self.setup()
         _, rank = self._data_parallel()
-        trainer = self.trainer
-        start = 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
-        dataset = RandomExamples(self._train, self.batch_size, self.seed, self.pad_id, rank, start)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return self._train_loader(RandomExamples(self._train, self.batch_size, self.seed, self.pad_id, rank,
+                                                 self._first_micro_batch()))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        replicas, rank = self._data_parallel()
-        dataset = FixedExamples(self._val, replicas)
-        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False) if replicas > 1 else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=partial(collate, pad_id=self.pad_id),
-                          generator=torch.Generator().manual_seed(self.seed))
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
+        replicas, _ = self._data_parallel()
+        return self._eval_loader(FixedExamples(self._val, replicas), partial(collate, pad_id=self.pad_id))

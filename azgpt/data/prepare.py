@@ -36,6 +36,7 @@ from azgpt.data.tokenizer import (
     eot_id,
     fertility_report,
     load_tokenizer,
+    other_tokenizer,
     split_at_line_breaks,
     splits_like_azgpt,
     tokenizer_sha256,
@@ -242,7 +243,7 @@ def _prepare_locked(config: PrepareConfig, sources: list[str], val_sources: list
         del sample
     summary.tokenizer_seconds = time.perf_counter() - tokenizer_started
     sha = tokenizer_sha256(tokenizer)
-    _check_existing_output(config, sha, sources)
+    _check_existing_output(config, tokenizer, sources)
 
     vocab_size = _vocab_size(tokenizer)
     dtype = token_dtype(vocab_size)
@@ -391,7 +392,7 @@ class _CountingIterator:
         return item
 
 
-def _check_existing_output(config: PrepareConfig, sha: str, sources: Sequence[str]) -> None:
+def _check_existing_output(config: PrepareConfig, tokenizer: Tokenizer, sources: Sequence[str]) -> None:
     if config.overwrite or not config.out.is_dir():
         return
     meta = read_meta(config.out)
@@ -401,9 +402,9 @@ def _check_existing_output(config: PrepareConfig, sha: str, sources: Sequence[st
             raise AzGPTError(f"--out {config.out} already holds {', '.join(leftovers)} without a meta.json: "
                              f"pass --overwrite to replace them, or choose another folder")
         return
-    if meta.get("tokenizer_sha256") != sha:
-        raise AzGPTError(f"--out {config.out} holds token files made by a different tokenizer "
-                         f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]}..., this one {sha[:12]}...): "
+    other = other_tokenizer(meta.get("tokenizer_sha256"), tokenizer)
+    if other:
+        raise AzGPTError(f"--out {config.out} holds token files made by a different tokenizer ({other}): "
                          f"pass --overwrite to replace them, or choose another folder")
     difference = prepared_from_other_data(config.out, meta, config.corpus, config.val_corpus, config.max_bytes,
                                           option="--", remedy="pass --overwrite to replace them, or choose another "

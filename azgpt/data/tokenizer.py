@@ -190,6 +190,15 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
+def other_tokenizer(recorded_sha256: object, tokenizer: Tokenizer) -> str | None:
+    """None when ``recorded_sha256`` (a meta.json's ``tokenizer_sha256``) fingerprints ``tokenizer``; else both
+    fingerprints, shortened, for the message that refuses the pair."""
+    sha = tokenizer_sha256(tokenizer)
+    if recorded_sha256 == sha:
+        return None
+    return f"sha256 {str(recorded_sha256)[:12]}..., this one {sha[:12]}..."
+
+
 def eot_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(EOT)
 

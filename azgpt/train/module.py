@@ -15,7 +15,7 @@ from torchmetrics.aggregation import SumMetric
 
 from azgpt.checkpoint import ARCHITECTURE_KEYS, CHECKPOINT_KEY, azgpt_entry, upgrade_hyperparameters
 from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
-from azgpt.data.datamodule import PAD_TARGET
+from azgpt.targets import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, RECIPES, GPTConfig
 from azgpt.train.muon import Muon, MuonWithAdamW, hidden_matrices

@@ -114,7 +114,7 @@ def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": 0.0,  # azgpt has no dropout on attention weights
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": NORM_EPS,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,

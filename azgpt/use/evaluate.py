@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from azgpt.artifact import load_model
 from azgpt.data.corpus import iter_documents, resolve_corpus_files
-from azgpt.data.datamodule import PAD_TARGET  # special tokens and tokens an earlier window scored count nothing
+from azgpt.targets import PAD_TARGET  # special tokens and tokens an earlier window scored count nothing
 from azgpt.data.prepare import DocumentEncoder
 from azgpt.data.tokenizer import bits_per_byte
 from azgpt.errors import AzGPTError

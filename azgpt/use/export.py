@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.atomic import atomic_folder, create_exclusive, write_error
+from azgpt.atomic import atomic_output, check_target, create_exclusive
 from azgpt.artifact import export_model_folder, load_model
 from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
@@ -188,23 +188,14 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, overwrite: b
     folder name beside it and renamed into place when complete, so a failure leaves ``out`` as it was. Refuses
     a folder that holds files unless ``overwrite``."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
+    check_target(out, overwrite, "--out")
     checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
     card = model_card(checkpoint, model, out.resolve().name)
     stored = checkpoint.chat_template
     template = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
-    try:
-        with atomic_folder(out, overwrite=overwrite) as folder:
-            write_hf_folder(model, checkpoint.tokenizer, folder, card, template)
-    except OSError as exc:
-        error = write_error(exc, out, "--out")
-        if error is None:
-            raise
-        raise error from None
+    with atomic_output(out, "--out", overwrite=overwrite) as folder:
+        write_hf_folder(model, checkpoint.tokenizer, folder, card, template)
     return out
 
 

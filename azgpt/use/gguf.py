@@ -26,13 +26,12 @@ import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__
-from azgpt.atomic import atomic_folder, write_error
+from azgpt.atomic import atomic_output, check_target
 from azgpt.artifact import load_model
-from azgpt.data.chat import ChatTemplate
+from azgpt.data.chat import TEMPLATE_TEXT_WARNING, ChatTemplate
 from azgpt.data.tokenizer import EOT
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, NORM_EPS
-from azgpt.data.chat import TEMPLATE_TEXT_WARNING
 from azgpt.use.adapters import CONV1D_WEIGHTS, gpt2_state_dict, hf_architecture, llama_state_dict
 
 OutType = Literal["f32", "f16", "q8_0"]  # the types gguf.quants can write that llama.cpp runs for both
@@ -41,7 +40,6 @@ DEFAULT_OUTTYPE: OutType = "f16"
 # llama.cpp's architecture for each Hugging Face class azgpt exports (azgpt.use.adapters.hf_architecture)
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the byte-level pre-tokenizer's split regex, which azgpt's uses
-LAYER_NORM_EPS = 1e-5
 PROBE_TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir."
 # Ollama's defaults for a model without its own: azgpt generate's temperature, a top-k/top-p cut that keeps a
 # small model off its long tail, and as many new tokens as azgpt generate writes.
@@ -184,7 +182,7 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = 
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     if arch == "gpt2":
-        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        writer.add_layer_norm_eps(NORM_EPS)
     else:
         writer.add_head_count_kv(cfg.n_head)
         writer.add_layer_norm_rms_eps(NORM_EPS)
@@ -262,15 +260,12 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
                 overwrite: bool = False) -> tuple[Path, str | None]:
     """Export ``checkpoint_path`` into the folder ``out`` as ``<out name>-<outtype>.gguf`` and ``Modelfile``.
 
-    Written all at once (``azgpt.atomic.atomic_folder``): a failure leaves ``out`` as it was. Returns the GGUF
+    Written all at once (``azgpt.atomic.atomic_output``): a failure leaves ``out`` as it was. Returns the GGUF
     file's path and, for a model trained with exact GELU, a note on what llama.cpp's tanh GELU changes.
     """
     import_gguf()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AzGPTError(f"--out {out} is a file: give a folder to export into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # before the slow part; atomic_folder checks again
-        raise AzGPTError(f"{out} is not empty: choose a new folder or pass --overwrite")
+    check_target(out, overwrite, "--out")  # before the slow part; atomic_output checks again
     check_outtype_name(outtype)
     checkpoint = load_model(checkpoint_path)
     model = checkpoint.build_model("cpu")
@@ -279,14 +274,8 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
     chat = ChatTemplate.from_dict(stored, origin=str(checkpoint_path)) if stored else None
     name = out.resolve().name
     gguf_name = f"{name}-{outtype}.gguf"
-    try:
-        with atomic_folder(out, overwrite=overwrite) as folder:
-            write_gguf(model, checkpoint.tokenizer, folder / gguf_name, outtype, name=name, chat=chat)
-            text = modelfile(gguf_name, name, model.config.block_size, chat)
-            (folder / "Modelfile").write_text(text, encoding="utf-8")
-    except OSError as exc:
-        error = write_error(exc, out, "--out")
-        if error is None:
-            raise
-        raise error from None
+    with atomic_output(out, "--out", overwrite=overwrite) as folder:
+        write_gguf(model, checkpoint.tokenizer, folder / gguf_name, outtype, name=name, chat=chat)
+        text = modelfile(gguf_name, name, model.config.block_size, chat)
+        (folder / "Modelfile").write_text(text, encoding="utf-8")
     return out / gguf_name, gelu_note(model, checkpoint.tokenizer)

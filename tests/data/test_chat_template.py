@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from azgpt.data.chat import (DEFAULT_TEMPLATE, ChatTemplate, Message, read_conversations,
                              sample_instructions_path)
-from azgpt.data.datamodule import PAD_TARGET
+from azgpt.targets import PAD_TARGET
 from azgpt.data.instructions import collate, make_example
 from azgpt.data.tokenizer import load_tokenizer, token_byte_lengths
 from azgpt.errors import AzGPTError

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from azgpt.data.datamodule import PAD_TARGET, AzGPTDataModule, FixedValBlocks
+from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks
+from azgpt.data.instructions import InstructionDataModule
+from azgpt.targets import PAD_TARGET
 from azgpt.train.module import AzGPT
 from azgpt.data.prepare import PrepareConfig, prepare
 
@@ -80,6 +82,22 @@ def test_datamodule_draws_training_blocks_for_its_replica_and_step(datamodule: A
     datamodule.trainer = fake_trainer(1, 0, global_step=5, accumulate=2)
     assert datamodule.train_dataset().rank == 0
 
+
+
+def test_instruction_data_splits_and_resumes_as_pretraining_blocks_do(datamodule: AzGPTDataModule) -> None:
+    instructions = InstructionDataModule(tokenizer_json=datamodule.tokenizer_json, block_size=256, batch_size=4)
+    instructions.setup()
+    conversations = len(instructions._val)
+    shares = []
+    for rank in (0, 1):
+        instructions.trainer = fake_trainer(2, rank, global_step=5, accumulate=2)
+        loader = instructions.val_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler) and len(loader.dataset) % 2 == 0
+        shares.append(list(loader.sampler))
+        train = instructions.train_dataloader().dataset
+        assert (train.rank, train.start_index) == (rank, 10)
+    assert len(shares[0]) == len(shares[1]) and not set(shares[0]) & set(shares[1])
+    assert sorted(i for share in shares for i in share if i < conversations) == list(range(conversations))
 
 def test_padding_blocks_add_nothing_to_validation_metrics() -> None:
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from azgpt.data.tokenizer import (
     check_vocab_size,
     fertility_report,
     load_tokenizer,
+    other_tokenizer,
     split_at_line_breaks,
     splits_like_azgpt,
     token_byte_lengths,
@@ -79,6 +80,13 @@ def test_training_is_deterministic_and_file_round_trips(tokenizer: Tokenizer, tm
     loaded = load_tokenizer(tmp_path / "tokenizer.json")
     assert tokenizer_sha256(loaded) == tokenizer_sha256(tokenizer)
     assert tokenizer_sha256(tokenizer_from_json(tokenizer.to_str())) == tokenizer_sha256(tokenizer)
+
+
+def test_a_recorded_fingerprint_is_compared_with_the_tokenizer_in_one_place(tokenizer: Tokenizer) -> None:
+    sha = tokenizer_sha256(tokenizer)
+    assert other_tokenizer(sha, tokenizer) is None
+    assert other_tokenizer("0" * 64, tokenizer) == f"sha256 000000000000..., this one {sha[:12]}..."
+    assert other_tokenizer(None, tokenizer) == f"sha256 None..., this one {sha[:12]}..."
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from azgpt.cli import main as azgpt_main
-from azgpt.data.datamodule import block_offsets
+from azgpt.data.loading import block_offsets
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks, block_offsets
+from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks
+from azgpt.data.loading import block_offsets
 from azgpt.train.module import AzGPT, warmup_cosine
 from azgpt.data.tokenizer import load_tokenizer, token_byte_lengths
 from tests.conftest import TINY_BLOCK, TINY_VOCAB

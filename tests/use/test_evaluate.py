@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from azgpt.checkpoint import load_checkpoint
 from azgpt.cli import main
 from azgpt.data.corpus import iter_documents, sample_corpus_path
-from azgpt.data.datamodule import PAD_TARGET
+from azgpt.targets import PAD_TARGET
 from azgpt.data.tokenizer import EOT, train_tokenizer
 from azgpt.model import GPT, GPTConfig
 from azgpt.use.evaluate import Score, Scorer, evaluate, iter_windows
