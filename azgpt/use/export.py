@@ -229,8 +229,8 @@ def export_command(ckpt: Path, out: Path, overwrite: bool = False,
     if format == "gguf":
         from azgpt.use.gguf import DEFAULT_OUTTYPE, export_gguf
 
-        path, note = export_gguf(ckpt, out, outtype=outtype or DEFAULT_OUTTYPE, overwrite=overwrite)
-        if note:
+        path, notes = export_gguf(ckpt, out, outtype=outtype or DEFAULT_OUTTYPE, overwrite=overwrite)
+        for note in notes:
             print(f"azgpt export: note: {note}", file=sys.stderr)
         name = path.parent.resolve().name.lower()
         print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {name} -f Modelfile)")
