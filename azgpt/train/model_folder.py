@@ -34,7 +34,7 @@ class WriteModelFolder(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
         meta = {"source_checkpoint": str(last) if last.is_file() else None, "global_step": trainer.global_step,
                 "data": pl_module.data_summary, "metrics": metrics, "chat_template": pl_module.chat_template,
-                "training": {key: pl_module.hparams.get(key) for key in ("recipe", "optimizer")}}
+                "training": {key: pl_module.hparams.get(key) for key in ("recipe", "optimizer", "init_from")}}
         write_model_folder(folder, pl_module.config, pl_module.model.state_dict(), pl_module.tokenizer_json, meta,
                            overwrite=True)
         rank_zero_info(f"azgpt: model folder {folder} (generate, chat, evaluate, export and serve read it)")
