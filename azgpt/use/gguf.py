@@ -271,10 +271,9 @@ def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | N
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         *[f'PARAMETER stop "{stop}"' for stop in stops],
-        # The context it was trained on (GPT-2's table has no trained positions beyond it, RoPE never saw them):
-        # when a sequence fills it, Ollama drops the older half and goes on, so positions stay inside.
+        "# num_ctx: the context it was trained on. When a sequence fills it, Ollama drops the older half and goes",
+        "# on, so positions stay inside it; num_predict: at most one context of new tokens.",
         f"PARAMETER num_ctx {block_size}",
-        # At most one context of new tokens: past that a reply is written without its own beginning in view.
         *[f"PARAMETER {key} {min(value, block_size) if key == 'num_predict' else value}"
           for key, value in SAMPLING.items()],
     ]
