@@ -87,7 +87,7 @@ def checkpoint_meta(checkpoint: Checkpoint) -> dict[str, Any]:
     return {"source_checkpoint": str(checkpoint.path), "global_step": checkpoint.raw.get("global_step"),
             "data": summary.get("data"), "metrics": summary.get("metrics") or {},
             "chat_template": summary.get("chat_template"),
-            "training": {key: hparams.get(key) for key in ("recipe", "optimizer")}}
+            "training": {key: hparams.get(key) for key in ("recipe", "optimizer", "init_from")}}
 
 
 def export_model_folder(ckpt: Path, out: Path, overwrite: bool = False) -> Path:

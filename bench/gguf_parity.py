@@ -25,7 +25,7 @@ import torch
 from azgpt.checkpoint import load_checkpoint
 from azgpt.data.corpus import iter_documents
 from azgpt.model import GPT
-from azgpt.use.gguf import OUTTYPES, export_gguf
+from azgpt.use.gguf import OUTTYPES, context_length, export_gguf
 
 
 def stored_as(model: GPT, outtype: str) -> GPT:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for outtype in OUTTYPES:
             path, _ = export_gguf(args.ckpt, Path(tmp) / outtype / "azgpt", outtype=outtype)
             hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                      n_positions=model.config.block_size).eval()
+                                                      n_positions=context_length(model)).eval()
             with torch.no_grad():
                 theirs = hf(torch.tensor([ids])).logits[0]
             diffs = [(theirs - logits(m, ids)).abs().max().item() for m in (stored_as(model, outtype), tanh, model)]

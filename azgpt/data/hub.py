@@ -49,19 +49,27 @@ class NamedCorpus:
     licence: str
     url: str
     about: str
+    hf_license: str | None = None  # the Hub's licence id for a model card; None where no one id is right
 
 
 KNOWN_CORPORA: dict[str, NamedCorpus] = {c.name: c for c in (
     NamedCorpus("fineweb2-az", HubSpec("HuggingFaceFW/fineweb-2", "azj_Latn", "train", "text"),
                 "7.3 M documents, 28.9 GB of text (published test split: 95 MB)", "ODC-By 1.0",
-                "https://huggingface.co/datasets/HuggingFaceFW/fineweb-2", "web pages, deduplicated and filtered"),
+                "https://huggingface.co/datasets/HuggingFaceFW/fineweb-2", "web pages, deduplicated and filtered",
+                "odc-by"),
     NamedCorpus("wikipedia-az", HubSpec("wikimedia/wikipedia", "20231101.az", "train", "text"),
                 "196 K articles, 434 MB of text", "CC BY-SA 4.0 (and GFDL)",
-                "https://huggingface.co/datasets/wikimedia/wikipedia", "Azerbaijani Wikipedia, 2023-11-01 dump"),
+                "https://huggingface.co/datasets/wikimedia/wikipedia", "Azerbaijani Wikipedia, 2023-11-01 dump",
+                "cc-by-sa-4.0"),
     NamedCorpus("hplt2-az", HubSpec("HPLT/HPLT2.0_cleaned", "azj_Latn", "train", "text"),
                 "several GB of text (see the source)", "CC0 1.0 (the packaging; the texts keep their own rights)",
                 "https://huggingface.co/datasets/HPLT/HPLT2.0_cleaned", "web crawls (Internet Archive, Common Crawl), cleaned"),
 )}
+
+
+def named_corpus(source: str) -> NamedCorpus | None:
+    """The known corpus ``source`` names (``fineweb2-az``, also with a ``?split=...`` query), else None."""
+    return KNOWN_CORPORA.get(source.partition("?")[0])
 
 
 def is_hub_corpus(source: object) -> bool:

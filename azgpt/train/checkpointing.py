@@ -281,6 +281,24 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # -- where a run's checkpoints are, from its (LightningCLI) trainer config -----------------------------
 
 
+def mlflow_checkpoint_folders(args: Mapping[str, Any], root: Path) -> list[Path]:
+    """Where Lightning files an ``MLFlowLogger`` run's checkpoints: ``<store>/<experiment id>/<run id>/checkpoints``
+    for a ``file:`` store (``<default_root_dir>/...`` for a server); the experiment's id is asked of MLflow."""
+    from azgpt.train.loggers import mlflow_client, mlflow_file_store
+
+    uri = str(args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "")
+    if not uri:
+        uri = f"file:{args.get('save_dir') or './mlruns'}"  # what MLFlowLogger does without a tracking_uri
+    base = Path(uri.removeprefix("file://").removeprefix("file:")) if uri.startswith("file:") else root
+    name = str(args.get("experiment_name") or "lightning_logs")
+    with mlflow_file_store():
+        experiment = mlflow_client(uri).get_experiment_by_name(name)
+    if experiment is None:
+        return [base / name / "*" / "checkpoints"]  # no such experiment yet: resolve_checkpoint says none found
+    return sorted((base / experiment.experiment_id).glob("*/checkpoints")) or [
+        base / experiment.experiment_id / "*" / "checkpoints"]
+
+
 def checkpoint_folders(trainer: Mapping[str, Any]) -> list[Path]:
     """The folders ``--ckpt_path last`` searches, read from the trainer config before anything is built.
 
@@ -301,6 +319,8 @@ def checkpoint_folders(trainer: Mapping[str, Any]) -> list[Path]:
     if logger is False:
         return [root / "checkpoints"]
     args = (logger.get("init_args") or {}) if isinstance(logger, Mapping) else {}
+    if isinstance(logger, Mapping) and str(logger.get("class_path", "")).endswith("MLFlowLogger"):
+        return mlflow_checkpoint_folders(args, root)
     base = Path(str(args.get("save_dir") or args.get("root_dir") or root))
     name = args.get("name", "lightning_logs")
     if isinstance(logger, Mapping) and str(logger.get("class_path", "")).endswith("WandbLogger"):

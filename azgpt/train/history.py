@@ -1,4 +1,5 @@
-"""A run's logged curves read back from whichever logger wrote them: TensorBoard, CSVLogger or W&B (offline).
+"""A run's logged curves read back from whichever logger wrote them: TensorBoard, CSVLogger, W&B (offline) or
+MLflow (a ``file:`` store).
 
 Each backend is read with its own reader: TensorBoard's ``EventAccumulator``, Python's ``csv`` for CSVLogger's
 ``metrics.csv`` and W&B's own record schema (``wandb.proto``) for the ``.wandb`` file of an offline run.
@@ -62,8 +63,39 @@ def read_history(run_dir: str | Path) -> RunHistory:
     wandb_file = _find_wandb_file(run_dir)
     if wandb_file is not None:
         return _read_wandb(wandb_file)
+    if (run_dir / "meta.yaml").is_file() and (run_dir / "metrics").is_dir():
+        return _read_mlflow(run_dir)
     raise AzGPTError(f"{run_dir} holds no run: no TensorBoard events.out.tfevents.* file, no CSVLogger "
-                     f"metrics.csv and no W&B .wandb file; pass a run folder such as lightning_logs/version_0")
+                     f"metrics.csv, no W&B .wandb file and no MLflow run; pass a run folder such as "
+                     f"lightning_logs/version_0")
+
+
+def _read_mlflow(run_dir: Path) -> RunHistory:
+    """A run of MLflow's ``file:`` store (``<store>/<experiment id>/<run id>``, where Lightning also files its
+    checkpoints), read with MLflow's own client: metrics with their steps and times, texts from the artifacts
+    ``log_text`` writes."""
+    from azgpt.train.loggers import MLFLOW_TEXT, mlflow_client, mlflow_file_store
+
+    run_id = run_dir.name
+    history = RunHistory(source=f"MLflow run {run_id} in {run_dir.parents[1]}")
+    with mlflow_file_store():
+        client = mlflow_client(f"file:{run_dir.parents[1].resolve()}")
+        run = client.get_run(run_id)
+        for key in run.data.metrics:
+            for metric in client.get_metric_history(run_id, key):
+                history.add(key, metric.step, metric.value, metric.timestamp / 1000)
+        pending = [MLFLOW_TEXT]
+        while pending:
+            for item in client.list_artifacts(run_id, pending.pop()):
+                if item.is_dir:
+                    pending.append(item.path)
+                    continue
+                tag, _, name = item.path.removeprefix(f"{MLFLOW_TEXT}/").rpartition("/")
+                text = Path(client.download_artifacts(run_id, item.path)).read_text(encoding="utf-8")
+                history.texts.setdefault(tag, []).append((int(name.removesuffix(".md")), text))
+    for texts in history.texts.values():
+        texts.sort()
+    return history.finish()
 
 
 def _read_tensorboard(run_dir: Path) -> RunHistory:

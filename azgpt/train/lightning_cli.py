@@ -145,6 +145,8 @@ class AzGPTCLI(LightningCLI):
                 raise own from None
             missing = exc
             while missing is not None and not isinstance(missing, ModuleNotFoundError):
+                if type(missing).__name__ == "MlflowException":  # e.g. its file: store refused without opt-in
+                    raise AzGPTError(f"MLflow: {str(missing).splitlines()[0]}") from None
                 missing = missing.__cause__ or missing.__context__  # jsonargparse wraps it in a ValueError
             if missing is None:
                 raise

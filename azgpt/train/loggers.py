@@ -1,19 +1,26 @@
 """What azgpt writes through any Lightning logger: text (samples, alerts) and the run's folder.
 
-TensorBoard stays the default; Weights & Biases and CSVLogger get every feature too. Lightning's ``Logger``
+TensorBoard stays the default; Weights & Biases, MLflow and CSVLogger get every feature too. Lightning's ``Logger``
 interface has scalars only, so text goes to each backend its own way here.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from azgpt.errors import AzGPTError
+
 TEXT_FILE = "text.csv"  # where text goes under CSVLogger, beside its metrics.csv
+MLFLOW_TEXT = "text"  # under MLflow, each text is the artifact text/<tag>/<step>.md of its run
 
 
 def run_dir(trainer: L.Trainer) -> Path | None:
@@ -59,7 +66,8 @@ def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
     """Write ``text`` under ``tag`` at the current step to every logger that can hold text (rank zero only).
 
     TensorBoard: its Text tab (markdown). W&B: a table with a step and a text column. CSV: a row of
-    ``text.csv`` (step, tag, text) in the run folder. Other loggers: skipped.
+    ``text.csv`` (step, tag, text) in the run folder. MLflow: the run's artifact ``text/<tag>/<step>.md``.
+    Other loggers: skipped.
     """
     if not trainer.is_global_zero:
         return
@@ -69,6 +77,8 @@ def log_text(trainer: L.Trainer, tag: str, text: str) -> None:
             _append_csv(Path(logger.log_dir) / TEXT_FILE, step, tag, text)
         elif is_wandb(logger):
             logger.log_text(key=tag, columns=["step", "text"], data=[[str(step), text]])
+        elif is_mlflow(logger):
+            logger.experiment.log_text(logger.run_id, text, f"{MLFLOW_TEXT}/{tag}/{step}.md")
         elif hasattr(logger.experiment, "add_text"):
             logger.experiment.add_text(tag, text, global_step=step)
 
@@ -88,11 +98,41 @@ def flush(trainer: L.Trainer) -> None:
 
 def can_hold_text(logger: Logger) -> bool:
     """Whether ``log_text`` writes anything to ``logger``."""
-    return isinstance(logger, CSVLogger) or is_wandb(logger) or hasattr(logger.experiment, "add_text")
+    return (isinstance(logger, CSVLogger) or is_wandb(logger) or is_mlflow(logger)
+            or hasattr(logger.experiment, "add_text"))
 
 
 def is_wandb(logger: Logger) -> bool:
     return type(logger).__name__ == "WandbLogger"  # no import: wandb is an optional extra
+
+
+def is_mlflow(logger: Logger) -> bool:
+    return type(logger).__name__ == "MLFlowLogger"  # no import: mlflow is an optional extra
+
+
+@contextmanager
+def mlflow_file_store() -> Iterator[None]:
+    """Let MLflow open a ``file:`` store while azgpt reads one a run already wrote (MLflow 3 refuses the file
+    store unless MLFLOW_ALLOW_FILE_STORE=true, which that run was started with)."""
+    before = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        else:
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = before
+
+
+def mlflow_client(tracking_uri: str) -> Any:
+    """``mlflow.tracking.MlflowClient`` for ``tracking_uri`` (use it inside ``mlflow_file_store()`` for a ``file:``
+    store), or an AzGPTError naming the pip command."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise AzGPTError("reading an MLflow run needs mlflow: pip install 'azgpt[mlflow]'") from None
+    return MlflowClient(tracking_uri)
 
 
 def _append_csv(path: Path, step: int, tag: str, text: str) -> None:

@@ -3,7 +3,6 @@ Hugging Face's ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` weights, and which of
 
 GPT-2's recipe maps onto GPT2LMHeadModel (Conv1D layouts, so the linear weights are transposed). A modern-recipe
 model is Llama exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
-attention and MLP, a SwiGLU MLP, no position table, a head tied or not. Llama is this architecture exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
 attention and MLP, a SwiGLU MLP, no position table, a head tied or not. azgpt's fused ``c_attn`` splits into
 ``q_proj``, ``k_proj``, ``v_proj``, and ``c_fc`` (gate then up) into ``gate_proj`` and ``up_proj``; nn.Linear
 layouts need no transpose. QK-norm and logit soft-capping have no Llama equivalent, so models using them are
@@ -106,6 +105,7 @@ def gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,  # the same, under the name llama.cpp's converter reads
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,

@@ -1,8 +1,9 @@
 """Export a checkpoint as a Hugging Face ``GPT2LMHeadModel`` folder, without needing ``transformers``
 (a modern-recipe model as ``LlamaForCausalLM``; the weight mapping is in ``azgpt.use.adapters``).
 
-The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
-``special_tokens_map.json`` and a model card ``README.md``; then
+The folder holds ``config.json``, ``generation_config.json`` (every end id: ``<|end|>`` too for a fine-tuned model),
+``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and a model card
+``README.md`` (front matter with ``license``, ``datasets`` and ``base_model`` where azgpt knows them); then
 ``GPT2LMHeadModel.from_pretrained(folder)`` and ``PreTrainedTokenizerFast.from_pretrained(folder)`` load it.
 
 azgpt's GPT is GPT-2's architecture (pre-LayerNorm, LayerNorm eps 1e-5, tied head; GELU exact or GPT-2's tanh form),
@@ -12,6 +13,7 @@ so only the weight layout changes: GPT-2's ``Conv1D`` stores (in, out), the tran
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +28,18 @@ from azgpt.checkpoint import Checkpoint, recorded_val_metrics
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT
 from azgpt.data.chat import TEMPLATE_TEXT_WARNING, ChatTemplate
+from azgpt.data.hub import named_corpus
 from azgpt.use.adapters import gpt2_config, gpt2_state_dict, hf_architecture, llama_config, llama_state_dict
 from azgpt.data.tokenizer import EOT
 
-EXPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "README.md")
+EXPORTED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "README.md")
+# The sample corpus and instructions ship with azgpt under its own licence (their ORIGIN.md; pyproject.toml's
+# Apache-2.0, spelled as the Hub's model cards spell it).
+SAMPLE_FOLDERS = ("sample_corpus", "sample_instructions")
+AZGPT_LICENSE = "apache-2.0"
+HUB_DATASET = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
+CHAT_EXAMPLE = "Azərbaycanın paytaxtı haradır?"
 
 
 def tokenizer_configs(block_size: int, chat_template: ChatTemplate | None = None
@@ -52,6 +61,61 @@ def tokenizer_configs(block_size: int, chat_template: ChatTemplate | None = None
     return config, special
 
 
+def generation_config(eot_id: int, end_id: int | None = None) -> dict[str, Any]:
+    """``generation_config.json``: ``generate`` stops at end of text and, for a fine-tuned model, at the end of
+    the assistant's turn, where azgpt's ``chat`` stops."""
+    eos = eot_id if end_id is None else [eot_id, end_id]
+    return {"bos_token_id": eot_id, "eos_token_id": eos, "pad_token_id": eot_id}
+
+
+def source_license(source: str) -> str | None:
+    """The Hub licence id of one training source where azgpt knows it (a named corpus, or azgpt's samples)."""
+    named = named_corpus(source)
+    if named is not None:
+        return named.hf_license
+    path = Path(source)
+    if any(p.name in SAMPLE_FOLDERS and p.parent.name == "azgpt" for p in (path, path.parent)):
+        return AZGPT_LICENSE
+    return None
+
+
+def recorded_base_model(checkpoint: Checkpoint) -> str | None:
+    """The ``init_from`` a fine-tune started from: in a ``.ckpt``'s hyperparameters or a model folder's meta.json."""
+    hparams = checkpoint.raw.get("hyper_parameters") or {}
+    training = (checkpoint.raw.get("meta") or {}).get("training") or {}
+    return hparams.get("init_from") or training.get("init_from")
+
+
+def card_metadata(data: dict[str, Any] | None, base_model: str | None) -> tuple[list[str], list[str]]:
+    """The card's front-matter lines for ``license``, ``datasets`` and ``base_model``, and the card's lines on
+    what the user must set (a licence azgpt does not know, a base model recorded as a local path)."""
+    sources = [str(s) for s in (data or {}).get("source") or []]
+    licenses = {source: source_license(source) for source in sources}
+    known = set(licenses.values())
+    todo = []
+    if sources and None not in known and len(known) == 1:
+        front = [f"license: {known.pop()}"]
+    else:
+        front = ["license: other  # set this: azgpt does not know one licence for the training data"]
+        unknown = [Path(s).name if not named_corpus(s) else s for s, lic in licenses.items() if lic is None]
+        why = (f"the licence of {', '.join(f'`{u}`' for u in unknown)} is not known to azgpt" if unknown else
+               "the training data comes under several licences" if sources else "the training data is not recorded")
+        todo.append(f"- `license` in the front matter is `other`: {why}. Set it before publishing this model.")
+    datasets = []
+    for corpus in (data or {}).get("corpora") or []:
+        dataset = str(corpus.get("dataset") or "")
+        if (named_corpus(str(corpus.get("corpus"))) or HUB_DATASET.fullmatch(dataset)) and dataset not in datasets:
+            datasets.append(dataset)
+    if datasets:
+        front.append(f"datasets: [{', '.join(json.dumps(d) for d in datasets)}]")
+    if base_model:
+        front.append(f"base_model: {json.dumps(base_model, ensure_ascii=False)}  # the local model it was fine-tuned "
+                     f"from; the base's Hub id once published")
+        todo.append(f"- `base_model` is the path azgpt fine-tuned from (`{base_model}`); replace it with the base "
+                    f"model's Hub id when you publish both.")
+    return front, todo
+
+
 def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
     """A short ``README.md``: what the model is, what it was trained on, how well it did, how to load it."""
     cfg = model.config
@@ -60,12 +124,16 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
     style, tag = ("Llama", "llama") if hf_class == "LlamaForCausalLM" else ("GPT-2", "gpt2")
     padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
     params = model.num_params(non_embedding=False) - padding
+    base_model = recorded_base_model(checkpoint)
+    front, todo = card_metadata(summary.get("data"), base_model)
     lines = [
         "---",
         "language: az",
+        front[0],
         "library_name: transformers",
         "pipeline_tag: text-generation",
         f"tags: [{tag}, azerbaijani, azgpt]",
+        *front[1:],
         "---",
         "",
         f"# {folder_name}",
@@ -80,7 +148,7 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         f"- byte-level BPE tokenizer, {cfg.vocab_size:,} tokens, end of text `{EOT}`; it folds Cyrillic ә/Ә "
         f"into Latin ə/Ə and applies Unicode NFC",
         f"- trained for {checkpoint.raw.get('global_step', 'an unknown number of')} optimizer steps "
-        f"(checkpoint `{checkpoint.path.name}`)",
+        f"(checkpoint `{checkpoint.path.name}`)" + (f", fine-tuned from `{base_model}`" if base_model else ""),
         "",
         "## Data",
         "",
@@ -96,17 +164,34 @@ def model_card(checkpoint: Checkpoint, model: GPT, folder_name: str) -> str:
         f"from transformers import {hf_class}, PreTrainedTokenizerFast",
         f'model = {hf_class}.from_pretrained("{folder_name}")',
         f'tokenizer = PreTrainedTokenizerFast.from_pretrained("{folder_name}")',
-        'ids = tokenizer("Azərbaycan", return_tensors="pt").input_ids',
-        "out = model.generate(ids, max_new_tokens=50, do_sample=True, temperature=0.8, top_k=50)",
-        "print(tokenizer.decode(out[0]))",
+        # new tokens: at most half the context, so that prompt and reply stay inside the position table
+        *(_chat_use_lines(min(100, cfg.block_size // 2)) if checkpoint.chat_template else [
+            'ids = tokenizer("Azərbaycan", return_tensors="pt").input_ids',
+            f"out = model.generate(ids, max_new_tokens={min(50, cfg.block_size // 2)}, do_sample=True, "
+            "temperature=0.8, top_k=50)",
+            "print(tokenizer.decode(out[0]))"]),
         "```",
         "",
         "A small model trained from scratch on a limited corpus: it imitates the style of its training text, "
         "knows little beyond it, and shares its biases.",
         "",
         *(_template_lines() if checkpoint.chat_template else []),
+        *(["## Before publishing", "", *todo, ""] if todo else []),
     ]
     return "\n".join(lines)
+
+
+def _chat_use_lines(max_new_tokens: int) -> list[str]:
+    """The card's example for a fine-tuned model: a conversation through its chat template; generation stops at
+    the end of the reply (generation_config.json)."""
+    return [
+        f'messages = [{{"role": "user", "content": "{CHAT_EXAMPLE}"}}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+        'return_tensors="pt")',
+        f"out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=True, temperature=0.8, "
+        "top_k=50)",
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]
 
 
 # What a runtime does with template tokens typed inside a message (azgpt itself encodes them as plain text).
@@ -169,9 +254,15 @@ def write_hf_folder(model: GPT, tokenizer: Tokenizer, out: Path, card: str,
     else:
         weights, config = gpt2_state_dict(model), gpt2_config(model, eot_id)
     tokenizer_config, special_tokens = tokenizer_configs(model.config.block_size, chat_template)
+    end_id = None
+    if chat_template is not None:
+        end_id = tokenizer.token_to_id(chat_template.end_token)
+        if end_id is None:
+            raise AzGPTError(f"the tokenizer lacks the chat template's end token {chat_template.end_token!r}")
     contents = {
         "model.safetensors": save(weights, metadata={"format": "pt"}),
         "config.json": _json_bytes(config),
+        "generation_config.json": _json_bytes(generation_config(eot_id, end_id)),
         "tokenizer.json": tokenizer.to_str(pretty=True).encode("utf-8"),
         "tokenizer_config.json": _json_bytes(tokenizer_config),
         "special_tokens_map.json": _json_bytes(special_tokens),
@@ -220,8 +311,8 @@ def export_command(ckpt: Path, out: Path, overwrite: bool = False,
     if format == "gguf":
         from azgpt.use.gguf import DEFAULT_OUTTYPE, export_gguf
 
-        path, note = export_gguf(ckpt, out, outtype=outtype or DEFAULT_OUTTYPE, overwrite=overwrite)
-        if note:
+        path, notes = export_gguf(ckpt, out, outtype=outtype or DEFAULT_OUTTYPE, overwrite=overwrite)
+        for note in notes:
             print(f"azgpt export: note: {note}", file=sys.stderr)
         name = path.parent.resolve().name.lower()
         print(f"exported {ckpt} to {path} (run it in Ollama: cd {out} && ollama create {name} -f Modelfile)")

@@ -12,6 +12,14 @@ Two things a GGUF cannot say, so llama.cpp and Ollama differ from ``azgpt genera
   runs with that approximation; the export measures and prints what it changes in the logits.
 - The tokenizer's normaliser (NFC, Cyrillic ә folded into Latin ə) has no GGUF key: prompts typed in NFC with
   Latin ə, as Azerbaijani keyboards write them, get the same ids; others may not.
+
+Past the context: llama.cpp rounds every context up to a multiple of 256 tokens and looks a ``gpt2`` model's
+positions up in its table without a bound check, so a sequence longer than the table aborts it
+(``GGML_ASSERT(i01 >= 0 && i01 < ne01)``), whatever context was asked for. A ``gpt2`` export's table is therefore
+padded to a multiple of 256 rows, each new row a copy of the last trained one (positions past the block all read
+as its last position), and ``context_length`` says the padded size (llama.cpp refuses a table of another size).
+The trained block is in the description, the ``Modelfile`` keeps Ollama to it, and the export says so. A
+``llama`` export has no table: rotary positions go on past the block (untrained there, but no abort).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ PROBE_TEXT = "Azərbaycan Respublikasının paytaxtı Bakı şəhəridir. Xəzə
 # Ollama's defaults for a model without its own: azgpt generate's temperature, a top-k/top-p cut that keeps a
 # small model off its long tail, and as many new tokens as azgpt generate writes.
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repeat_penalty": 1.1, "num_predict": 200}
+LLAMA_CPP_CONTEXT_PAD = 256  # llama.cpp allocates every context in multiples of this many tokens
 
 
 def import_gguf() -> Any:
@@ -88,8 +97,38 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise RuntimeError(f"gguf has no {arch} name for {hf_name}")  # a change in gguf's TensorNameMap
+        if hf_name == "transformer.wpe.weight":
+            tensor = pad_positions(tensor, context_length(model))
         tensors[name] = tensor.contiguous().numpy()
     return tensors
+
+
+def context_length(model: GPT) -> int:
+    """The GGUF's ``context_length``: for ``gpt2`` the rows of its padded position table (the block rounded up to
+    a multiple of 256, the most llama.cpp allocates for a context of at most that many tokens); for ``llama``,
+    which has no table, the block."""
+    block = model.config.block_size
+    if gguf_architecture(model) != "gpt2":
+        return block
+    return -(-block // LLAMA_CPP_CONTEXT_PAD) * LLAMA_CPP_CONTEXT_PAD
+
+
+def pad_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """``table`` grown to ``rows`` rows by repeating its last one: past the trained block every position looks
+    like the last trained one. Text there is beyond what the model learned, but llama.cpp runs instead of
+    aborting."""
+    return torch.cat([table, table[-1:].expand(rows - len(table), -1)])
+
+
+def context_note(model: GPT) -> str | None:
+    """What the export did to a ``gpt2`` model's position table, or None when it did nothing."""
+    block, rows = model.config.block_size, context_length(model)
+    if rows == block:
+        return None
+    return (f"the model was trained on {block}-token blocks; its GGUF position table has {rows} rows (positions "
+            f"{block}-{rows - 1} repeat position {block - 1}) so that llama.cpp, which allocates contexts in "
+            f"multiples of {LLAMA_CPP_CONTEXT_PAD}, does not abort past {block} tokens; text there is beyond its "
+            f"training. Give llama.cpp at most -c {rows}; the Modelfile keeps Ollama to {block}")
 
 
 def rope_pairs_adjacent(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -171,12 +210,14 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, outtype: OutType = 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_description(f"Azerbaijani GPT trained from scratch with azgpt {__version__}")
+    writer.add_description(f"Azerbaijani GPT trained from scratch with azgpt {__version__}, on a context of "
+                           f"{cfg.block_size} tokens" + ("" if context_length(model) == cfg.block_size else
+                           f" (the position table repeats its last row up to {context_length(model)})"))
     writer.add_file_type(int(gguf.LlamaFileType[{"f32": "ALL_F32", "f16": "MOSTLY_F16",
                                                   "q8_0": "MOSTLY_Q8_0"}[outtype]]))
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(cfg.block_size)
+    writer.add_context_length(context_length(model))
     writer.add_embedding_length(cfg.n_embd)
     writer.add_feed_forward_length(cfg.mlp_hidden)
     writer.add_block_count(cfg.n_layer)
@@ -228,9 +269,11 @@ def modelfile(gguf_name: str, name: str, block_size: int, chat: ChatTemplate | N
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         *[f'PARAMETER stop "{stop}"' for stop in stops],
-        # The context it was trained on: GPT-2's table has no positions beyond it, and RoPE never saw them.
+        "# num_ctx: the context it was trained on. When a sequence fills it, Ollama drops the older half and goes",
+        "# on, so positions stay inside it; num_predict: at most one context of new tokens.",
         f"PARAMETER num_ctx {block_size}",
-        *[f"PARAMETER {key} {value}" for key, value in SAMPLING.items()],
+        *[f"PARAMETER {key} {min(value, block_size) if key == 'num_predict' else value}"
+          for key, value in SAMPLING.items()],
     ]
     return "\n".join(lines) + "\n"
 
@@ -257,11 +300,12 @@ def gelu_note(model: GPT, tokenizer: Tokenizer) -> str | None:
 
 
 def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType = DEFAULT_OUTTYPE,
-                overwrite: bool = False) -> tuple[Path, str | None]:
+                overwrite: bool = False) -> tuple[Path, list[str]]:
     """Export ``checkpoint_path`` into the folder ``out`` as ``<out name>-<outtype>.gguf`` and ``Modelfile``.
 
     Written all at once (``azgpt.atomic.atomic_output``): a failure leaves ``out`` as it was. Returns the GGUF
-    file's path and, for a model trained with exact GELU, a note on what llama.cpp's tanh GELU changes.
+    file's path and notes for the user: what llama.cpp's tanh GELU changes (a model trained with exact GELU), and
+    the padded position table (``gpt2``).
     """
     import_gguf()
     out = Path(out)
@@ -278,4 +322,5 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, outtype: OutType =
         write_gguf(model, checkpoint.tokenizer, folder / gguf_name, outtype, name=name, chat=chat)
         text = modelfile(gguf_name, name, model.config.block_size, chat)
         (folder / "Modelfile").write_text(text, encoding="utf-8")
-    return out / gguf_name, gelu_note(model, checkpoint.tokenizer)
+    notes = [gelu_note(model, checkpoint.tokenizer), context_note(model)]
+    return out / gguf_name, [note for note in notes if note]

@@ -1,7 +1,7 @@
-"""Every azgpt feature under the other loggers: CSVLogger and Weights & Biases (offline).
+"""Every azgpt feature under the other loggers: CSVLogger, Weights & Biases (offline) and MLflow (a file: store).
 
 Metrics are read back with each backend's own reader (CSVLogger's metrics.csv; W&B's record schema for the
-offline run file), text samples land in each, ``--ckpt_path last`` resumes, and the report is written.
+offline run file; MLflow's client), text samples land in each, ``--ckpt_path last`` resumes, and the report is written.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def readme_snippet(name: str) -> str:
 
 CSV_CONFIG = readme_snippet("csv.yaml")
 WANDB_CONFIG = readme_snippet("wandb.yaml")  # offline through WANDB_MODE, as the README says
+MLFLOW_CONFIG = readme_snippet("mlflow.yaml")  # a file: store in ./mlruns
 
 
 def fit(root: Path, data: Path, overlay: str, max_steps: int, *extra: str) -> int:
@@ -94,23 +95,73 @@ def test_wandb_offline_gets_metrics_text_report_and_resume(tmp_path: Path, prepa
     assert newest.parent.parent.name != run_id and checkpoint_step(newest) == 6
 
 
-def test_a_logger_whose_package_is_missing_names_the_pip_command(tmp_path: Path, prepared_dir: Path,
+@pytest.mark.parametrize("extra", ["wandb", "mlflow"])
+def test_a_logger_whose_package_is_missing_names_the_pip_command(extra: str, tmp_path: Path, prepared_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture) -> None:
-    import lightning.pytorch.loggers.wandb as lightning_wandb
+    import importlib
+
     from lightning_utilities.core.imports import RequirementCache
 
-    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", RequirementCache("wandb>=999"))
-    assert fit(tmp_path, prepared_dir, WANDB_CONFIG, 3) == 2
+    module = importlib.import_module(f"lightning.pytorch.loggers.{extra}")
+    monkeypatch.setattr(module, f"_{extra.upper()}_AVAILABLE", RequirementCache(f"{extra}>=999"))
+    assert fit(tmp_path, prepared_dir, WANDB_CONFIG if extra == "wandb" else MLFLOW_CONFIG, 3) == 2
     err = capsys.readouterr().err
-    assert "pip install 'azgpt[wandb]'" in err and "Traceback" not in err
+    assert f"pip install 'azgpt[{extra}]'" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """mlflow (skipped where missing) with its file: store allowed, as the README's mlflow.yaml asks."""
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'azgpt[mlflow]'")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return mlflow
+
+
+def absolute_store(root: Path) -> list[str]:
+    """The README's ``file:./mlruns`` as an absolute path: MLflow caches a store by its URI for the process, so a
+    relative one made in an earlier test's folder would be reused here."""
+    return ["--trainer.logger.init_args.tracking_uri", f"file:{root / 'mlruns'}"]
+
+
+def mlflow_runs(root: Path) -> list[Path]:
+    """The run folders of the file: store in ``root/mlruns`` (``<experiment id>/<run id>``), oldest first."""
+    return sorted((p.parent for p in (root / "mlruns").glob("*/*/meta.yaml")), key=lambda p: p.stat().st_mtime)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("logger", ["csv", "wandb"])
-def test_the_overfitting_alert_reaches_csv_and_wandb(logger: str, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """README: CSVLogger and W&B get every feature, alerts included. The overfitting run of test_monitoring."""
+def test_mlflow_file_store_gets_metrics_text_report_and_resume(tmp_path: Path, prepared_dir: Path,
+                                                              mlflow_store) -> None:
+    assert fit(tmp_path, prepared_dir, MLFLOW_CONFIG, 3, *absolute_store(tmp_path)) == 0
+    client = mlflow_store.tracking.MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    experiment = client.get_experiment_by_name("lightning_logs")
+    (run,) = client.search_runs([experiment.experiment_id])
+    run_id = run.info.run_id
+    history = client.get_metric_history(run_id, "val_loss")
+    assert len(history) == 1 and 0 < history[0].value < 10  # one validation (every 3 steps), ln(512) = 6.2 or so
+    assert {"val_loss", "val_bpb", "train_eval_loss", "overfit_gap", "system/rss_gb"} <= set(run.data.metrics)
+    assert run.data.params["n_embd"] == "32" and run.data.params["vocab_size"] == "512"  # the hyperparameters
+    samples = {Path(a.path).name for a in client.list_artifacts(run_id, "text/samples")}
+    assert samples == {"0", "1", "2"}
+    (folder,) = mlflow_runs(tmp_path)
+    assert folder == tmp_path / "mlruns" / experiment.experiment_id / run_id
+    assert (folder / "report.png").is_file() and "val_loss" in (folder / "report.md").read_text(encoding="utf-8")
+    assert (folder / "model" / "config.json").is_file() and (folder / "config.yaml").is_file()
+    assert read_history(folder).texts["samples/0"][0][1].startswith("**")
+
+    assert fit(tmp_path, prepared_dir, MLFLOW_CONFIG, 6, "--ckpt_path", "last", *absolute_store(tmp_path)) == 0
+    first, resumed = mlflow_runs(tmp_path)
+    assert first == folder and checkpoint_step(resumed / "checkpoints" / "last.ckpt") == 6
+    assert [m.step for m in client.get_metric_history(resumed.name, "val_loss")] == [5]  # steps 4-6 only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["csv", "wandb", "mlflow"])
+def test_the_overfitting_alert_reaches_csv_wandb_and_mlflow(logger: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: CSVLogger, W&B and MLflow get every feature, alerts included. The overfitting run of
+    test_monitoring."""
     from azgpt.data.prepare import PrepareConfig, prepare
 
     sample = Path(__file__).resolve().parents[2] / "azgpt" / "sample_corpus" / "hekayeler.txt"
@@ -122,15 +173,38 @@ def test_the_overfitting_alert_reaches_csv_and_wandb(logger: str, tmp_path: Path
         pytest.importorskip("wandb")
         for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DIR", str(tmp_path))):
             monkeypatch.setenv(name, value)
+    if logger == "mlflow":
+        pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'azgpt[mlflow]'")
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     overrides = ["--data.vocab_size", "300", "--data.block_size", "16", "--data.batch_size", "8",
                  "--data.val_max_blocks", "8", "--model.n_embd", "64", "--model.learning_rate", "1e-2",
                  "--trainer.accumulate_grad_batches", "1", "--val_every_n_steps", "4",
                  "--trainer.log_every_n_steps", "10", "--early_stopping", "3"]
-    assert fit(tmp_path, tmp_path / "data", CSV_CONFIG if logger == "csv" else WANDB_CONFIG, 80, *overrides) == 0
-    (run,) = [folder for folder in (tmp_path / "lightning_logs").iterdir() if folder.is_dir()]
+    config = {"csv": CSV_CONFIG, "wandb": WANDB_CONFIG, "mlflow": MLFLOW_CONFIG}[logger]
+    assert fit(tmp_path, tmp_path / "data", config, 80, *overrides,
+               *(absolute_store(tmp_path) if logger == "mlflow" else [])) == 0
+    if logger == "mlflow":
+        (run,) = mlflow_runs(tmp_path)
+    else:
+        (run,) = [folder for folder in (tmp_path / "lightning_logs").iterdir() if folder.is_dir()]
     alerts = read_history(run).texts.get("alerts/overfitting", [])
     assert len(alerts) == 1 and "overfitting: val_loss has not improved" in alerts[0][1], alerts
     report = (run / "report.md").read_text(encoding="utf-8")
     # Under W&B the report written at fit end used to read the offline run file before W&B had written the last
     # validations and the alert into it; the report now waits for the file to be complete.
     assert "**Overfitting** (the alarm was raised" in report
+
+
+def test_an_mlflow_file_store_without_opt_in_is_one_line(tmp_path: Path, prepared_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'azgpt[mlflow]'")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    try:
+        mlflow.tracking.MlflowClient(f"file:{tmp_path / 'probe'}")
+        pytest.skip(f"mlflow {mlflow.__version__} opens a file: store without MLFLOW_ALLOW_FILE_STORE")
+    except mlflow.exceptions.MlflowException:
+        pass
+    assert fit(tmp_path, prepared_dir, MLFLOW_CONFIG, 3, *absolute_store(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "azgpt: error: MLflow: " in err and "MLFLOW_ALLOW_FILE_STORE=true" in err and "Traceback" not in err

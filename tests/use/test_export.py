@@ -165,3 +165,120 @@ def test_model_card_names_licence_and_source_of_a_named_corpus() -> None:
     assert "`fineweb2-az`: dataset `HuggingFaceFW/fineweb-2` config `azj_Latn` split `train`" in lines
     assert "licence ODC-By 1.0" in lines and "https://huggingface.co/datasets/HuggingFaceFW/fineweb-2" in lines
 
+
+
+# ----------------------------------------------------------------------------- generation config and card
+
+BASE_PATH = "lightning_logs/version_0/checkpoints/last.ckpt"  # where the fine-tune below says it started
+
+
+@pytest.fixture(scope="module")
+def tuned_export(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run as azgpt finetune leaves a model: the chat template's tokens and the "azgpt" entry (300 + 4
+    tokens still fit the embedding's 320 rows), and the init_from it records; exported as a Hugging Face folder."""
+    from azgpt.data.chat import DEFAULT_TEMPLATE
+
+    root = tmp_path_factory.mktemp("tuned")
+    raw = torch.load(tiny_run.ckpt, weights_only=True)
+    tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(Tokenizer.from_str(raw["azgpt"]["tokenizer"]))
+    raw["hyper_parameters"].update(vocab_size=tokenizer.get_vocab_size(), init_from=BASE_PATH)
+    raw["azgpt"] = {**raw["azgpt"], "tokenizer": tokenizer.to_str(), "chat_template": DEFAULT_TEMPLATE.to_dict()}
+    torch.save(raw, root / "tuned.ckpt")
+    assert main(["export", "--ckpt", str(root / "tuned.ckpt"), "--out", str(root / "azgpt-chat")]) == 0
+    return root / "azgpt-chat"
+
+
+def front_matter(folder: Path) -> dict:
+    import yaml
+
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_gpt2_config_has_n_ctx_beside_n_positions(exported: Path, transformers) -> None:
+    config = transformers.GPT2Config.from_pretrained(str(exported))
+    assert config.n_positions == config.n_ctx == 96  # the tiny run's block
+
+
+def test_generation_config_ends_at_end_of_text(exported: Path, transformers) -> None:
+    config = transformers.GenerationConfig.from_pretrained(str(exported))
+    # <|endoftext|> is id 0: the tokenizer's first token
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 0, 0)
+
+
+def test_a_chat_models_generation_stops_at_the_end_of_its_turn(tuned_export: Path, transformers) -> None:
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(tuned_export))
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end == 303  # the fourth of the template's tokens after the tiny run's 300
+    assert transformers.GenerationConfig.from_pretrained(str(tuned_export)).eos_token_id == [0, end]
+    # A model whose every next token is <|end|>: ln_f outputs <|end|>'s (enlarged) embedding row, and the tied
+    # head scores that row against itself highest. generate must stop after it, as azgpt's chat does.
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(tuned_export)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[end] *= 10
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[end])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Salam!"}], add_generation_prompt=True)
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+    assert out[0, len(prompt):].tolist() == [end]
+
+
+def test_model_card_front_matter_names_licence_data_and_base(exported: Path, tuned_export: Path) -> None:
+    base = front_matter(exported)
+    # The tiny run trained on the sample corpus, released with azgpt under Apache-2.0 (sample_corpus/ORIGIN.md).
+    assert base["license"] == "apache-2.0" and base["language"] == "az"
+    assert "base_model" not in base and "datasets" not in base  # not a fine-tune; no Hub dataset
+    tuned = front_matter(tuned_export)
+    assert tuned["base_model"] == BASE_PATH and tuned["license"] == "apache-2.0"
+    card = (tuned_export / "README.md").read_text(encoding="utf-8")
+    assert f"fine-tuned from `{BASE_PATH}`" in card and "replace it with the base model's Hub id" in card
+
+
+def test_a_model_folder_keeps_the_base_model(tuned_export: Path, tmp_path: Path) -> None:
+    tuned_ckpt = tuned_export.parent / "tuned.ckpt"
+    assert main(["export", "--ckpt", str(tuned_ckpt), "--format", "azgpt", "--out", str(tmp_path / "model")]) == 0
+    assert main(["export", "--ckpt", str(tmp_path / "model"), "--out", str(tmp_path / "hf")]) == 0
+    assert front_matter(tmp_path / "hf")["base_model"] == BASE_PATH
+
+
+@pytest.mark.parametrize("which", ["base", "chat"])
+def test_the_model_cards_example_runs(exported: Path, tuned_export: Path, transformers, which: str, monkeypatch,
+                                      capsys) -> None:
+    folder = exported if which == "base" else tuned_export
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    code = card.split("```python\n")[1].split("```")[0]
+    assert ("apply_chat_template" in code) == (which == "chat")
+    monkeypatch.chdir(folder.parent)  # the example names the folder as it would a Hub repo
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("sources, corpora, license, datasets, says", [
+    (["fineweb2-az"], ["fineweb2-az"], "odc-by", ["HuggingFaceFW/fineweb-2"], None),
+    (["wikipedia-az?split=train"], ["wikipedia-az?split=train"], "cc-by-sa-4.0", ["wikimedia/wikipedia"], None),
+    (["fineweb2-az", "wikipedia-az"], ["fineweb2-az", "wikipedia-az"], "other",
+     ["HuggingFaceFW/fineweb-2", "wikimedia/wikipedia"], "several licences"),
+    (["hplt2-az"], ["hplt2-az"], "other", ["HPLT/HPLT2.0_cleaned"], "licence of `hplt2-az` is not known"),
+    (["/home/me/news.txt", "fineweb2-az"], ["fineweb2-az"], "other", ["HuggingFaceFW/fineweb-2"],
+     "licence of `news.txt` is not known"),
+    (["/venv/lib/azgpt/sample_corpus/hekayeler.txt", "/venv/lib/azgpt/sample_instructions/instructions.jsonl"], [],
+     "apache-2.0", None, None),
+    (None, [], "other", None, "training data is not recorded"),
+])
+def test_model_card_licence_and_datasets(sources, corpora, license, datasets, says) -> None:
+    import yaml
+    from azgpt.data.hub import provenance
+    from azgpt.use.export import card_metadata
+
+    data = None if sources is None else {"source": sources, "corpora": [provenance(c) for c in corpora]}
+    front, todo = card_metadata(data, None)
+    meta = yaml.safe_load("\n".join(front))
+    assert meta["license"] == license
+    assert meta.get("datasets") == datasets
+    if says is None:
+        assert todo == []
+    else:
+        assert len(todo) == 1 and says in todo[0] and "Set it before publishing" in todo[0]

@@ -1,10 +1,13 @@
-"""Export to GGUF: the file as gguf's own reader and transformers read it, parity with azgpt, bad input, and
-greedy generation in llama.cpp where llama-cpp-python is installed."""
+"""Export to GGUF: the file as gguf's own reader and transformers read it, parity with azgpt, bad input, greedy
+generation in a real llama.cpp past the model's context (node-llama-cpp's prebuilt build, installed into
+tests/node_llama_cpp by npm), and in llama-cpp-python where that is installed."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from tokenizers import Tokenizer
 from azgpt.checkpoint import Checkpoint, load_checkpoint
 from azgpt.cli import main
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, GPTConfig
+from azgpt.model import GPT, RECIPES, GPTConfig
 from azgpt.data.chat import DEFAULT_TEMPLATE, Message
 from azgpt.use.gguf import OUTTYPES, export_gguf, modelfile, write_gguf
 
@@ -107,7 +110,8 @@ def test_gguf_reader_lists_every_tensor_with_its_shape_and_type(exports, checkpo
              "attn_qkv.bias": (3 * C,), "attn_output.weight": (C, C), "attn_output.bias": (C,),
              "ffn_norm.weight": (C,), "ffn_norm.bias": (C,), "ffn_up.weight": (C, 4 * C), "ffn_up.bias": (4 * C,),
              "ffn_down.weight": (4 * C, C), "ffn_down.bias": (C,)}
-    expected = {"token_embd.weight": (C, model.config.vocab_size), "position_embd.weight": (C, model.config.block_size),
+    # The position table: the tiny run's 96 positions padded to 256 rows, llama.cpp's smallest context of >= 96.
+    expected = {"token_embd.weight": (C, model.config.vocab_size), "position_embd.weight": (C, 256),
                 "output_norm.weight": (C,), "output_norm.bias": (C,),
                 **{f"blk.{i}.{name}": shape for i in range(L) for name, shape in block.items()}}
     reader = gguf.GGUFReader(exports[outtype])
@@ -121,6 +125,12 @@ def test_gguf_reader_lists_every_tensor_with_its_shape_and_type(exports, checkpo
     decoded = gguf.quants.dequantize(qkv.data, qkv.tensor_type).reshape(3 * C, C)
     weight = model.transformer.h[0].attn.c_attn.weight.detach().numpy()
     assert np.abs(decoded - weight).max() <= {"f32": 0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
+    table = tensors["position_embd.weight"]
+    rows = gguf.quants.dequantize(table.data, table.tensor_type).reshape(256, C)
+    trained = model.transformer.wpe.weight.detach().numpy()
+    tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
+    assert np.abs(rows[:96] - trained).max() <= tolerance
+    assert (rows[96:] == rows[95]).all()  # past the block, every row is the last trained one
 
 
 def test_gguf_metadata_describes_the_model_and_its_tokenizer(exports, checkpoint) -> None:
@@ -131,7 +141,8 @@ def test_gguf_metadata_describes_the_model_and_its_tokenizer(exports, checkpoint
     assert field(reader, "general.file_type") == gguf.LlamaFileType.ALL_F32
     assert [field(reader, f"gpt2.{key}") for key in ("context_length", "embedding_length", "feed_forward_length",
                                                       "block_count", "attention.head_count")] == [
-        cfg.block_size, cfg.n_embd, 4 * cfg.n_embd, cfg.n_layer, cfg.n_head]
+        256, cfg.n_embd, 4 * cfg.n_embd, cfg.n_layer, cfg.n_head]  # 256: the rows of the padded table
+    assert "on a context of 96 tokens" in field(reader, "general.description")
     assert field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
@@ -157,7 +168,9 @@ def test_modelfile_points_at_the_file_with_stop_token_and_context(exports, check
     assert "FROM ./azgpt-tiny-f16.gguf" in lines
     assert 'TEMPLATE """{{ .Prompt }}"""' in lines
     assert 'PARAMETER stop "<|endoftext|>"' in lines
-    assert f"PARAMETER num_ctx {checkpoint.config.block_size}" in lines
+    assert "PARAMETER num_ctx 96" in lines  # the trained block, not the padded table
+    assert "PARAMETER num_predict 96" in lines  # 200 by default, cut to one context
+    assert "PARAMETER num_predict 200" in modelfile("m.gguf", "m", 512, None).splitlines()
     assert "PARAMETER temperature 0.8" in lines
     assert "#   ollama create azgpt-tiny -f Modelfile" in lines
 
@@ -168,6 +181,8 @@ def test_export_notes_what_the_tanh_gelu_changes(tiny_run, tmp_path: Path, capsy
     assert "ollama create m -f Modelfile" in captured.out
     assert (tmp_path / "m" / "m-f16.gguf").is_file()  # f16 is the default
     assert "llama.cpp runs GELU in its tanh form" in captured.err and "logits move by at most" in captured.err
+    assert "trained on 96-token blocks; its GGUF position table has 256 rows (positions 96-255 repeat " \
+           "position 95)" in captured.err
 
 
 # ----------------------------------------------------------------------------------- transformers reads it
@@ -180,18 +195,19 @@ def transformers():
     return transformers
 
 
-def hf_from_gguf(path: Path, transformers, block_size: int):
+def hf_from_gguf(path: Path, transformers):
     # transformers maps gpt2.context_length to n_ctx, not to n_positions (the size of the position table), so
-    # the block size is given again here; a GGUF with GPT-2's 1024 positions would not need it.
+    # the table's rows are given again here; a GGUF with GPT-2's 1024 positions would not need it.
+    rows = field(gguf.GGUFReader(path), "gpt2.context_length")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, n_positions=block_size).eval()
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, n_positions=rows).eval()
 
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_transformers_loads_the_gguf_with_azgpts_logits(exports, checkpoint, transformers, outtype: str) -> None:
     model = checkpoint.build_model()
     ids = checkpoint.tokenizer.encode(" ".join(TEXTS)).ids[: model.config.block_size]
-    hf = hf_from_gguf(exports[outtype], transformers, model.config.block_size)
+    hf = hf_from_gguf(exports[outtype], transformers)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
     # (a) Against the weights exactly as the file holds them: the same function, to float32 rounding.
@@ -336,3 +352,65 @@ def test_llama_cpp_greedy_generation_equals_azgpts(exports, checkpoint, outtype:
         if len(theirs) == 32:
             break
     assert theirs == ours
+
+
+# ----------------------------------------------------------------------------------- past the context in llama.cpp
+
+LLAMA_CPP = Path(__file__).resolve().parents[1] / "node_llama_cpp"  # node-llama-cpp and the script that drives it
+PROMPT = "Bakı şəhəri"
+
+
+def llama_cpp_generate(path: Path, context_size: int, new_tokens: int) -> dict:
+    """Greedy ids from a real llama.cpp (node-llama-cpp's prebuilt CPU build) given ``context_size``; the process
+    must exit 0 (an abort inside llama.cpp, GGML_ASSERT, is SIGABRT)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: tests/node_llama_cpp/generate.mjs runs llama.cpp with Node 18 or newer")
+    if not (LLAMA_CPP / "node_modules" / "node-llama-cpp").is_dir():
+        pytest.skip("node-llama-cpp is not installed: cd tests/node_llama_cpp && "
+                    "NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install (.ci/run does this where npm is installed)")
+    done = subprocess.run([node, str(LLAMA_CPP / "generate.mjs"), str(path), str(context_size), str(new_tokens),
+                           PROMPT], capture_output=True, text=True, timeout=300)
+    if done.returncode == 3:
+        pytest.skip(f"node-llama-cpp has no prebuilt llama.cpp for this machine: {done.stderr.strip()}")
+    assert done.returncode == 0, f"llama.cpp exited with {done.returncode}:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def random_modern(vocab_size: int, block_size: int) -> GPT:
+    """A modern-recipe (llama in llama.cpp) model with random weights everywhere, zero_init off."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32,
+                       **{**RECIPES["modern"], "zero_init": False})
+    return GPT(config).eval()
+
+
+@pytest.mark.parametrize("context_size, new_tokens", [(200, 180), (256, 300)],
+                         ids=["inside-a-larger-context", "past-the-whole-context"])
+def test_llama_cpp_generates_past_a_gpt2_models_context(exports, checkpoint, context_size, new_tokens) -> None:
+    """The GPT-2-recipe export (block 96) in llama.cpp with more context than it was trained on: positions past
+    96 once aborted llama.cpp (GGML_ASSERT in the position table's lookup). The second case passes the context
+    llama.cpp was given, where node-llama-cpp drops the oldest tokens as Ollama does."""
+    block = checkpoint.config.block_size
+    ran = llama_cpp_generate(exports["f32"], context_size, new_tokens)
+    prompt = checkpoint.tokenizer.encode(PROMPT).ids
+    assert ran["prompt"] == prompt
+    assert len(ran["tokens"]) == new_tokens and len(prompt) + new_tokens > block + 64
+    # Inside the trained block the file is still the model: llama.cpp's greedy ids are azgpt's.
+    inside = block - len(prompt)
+    model = stored_as(checkpoint.build_model(), "f32")
+    ours = [int(t) for t in model.generate(torch.tensor([prompt]), inside, temperature=0.0)]
+    assert ran["tokens"][:inside] == ours
+
+
+def test_llama_cpp_generates_past_a_llama_models_context(checkpoint, tmp_path: Path) -> None:
+    """A modern-recipe export has no position table: rotary positions go on past the block in llama.cpp."""
+    model = random_modern(checkpoint.config.vocab_size, block_size=40)
+    path = tmp_path / "modern-f32.gguf"
+    write_gguf(model, checkpoint.tokenizer, path, "f32")
+    ran = llama_cpp_generate(path, context_size=120, new_tokens=100)
+    prompt = checkpoint.tokenizer.encode(PROMPT).ids
+    assert ran["trainContextSize"] == 40 and len(ran["tokens"]) == 100
+    inside = 40 - len(prompt)
+    ours = [int(t) for t in model.generate(torch.tensor([prompt]), inside, temperature=0.0)]
+    assert ran["tokens"][:inside] == ours
