@@ -84,7 +84,8 @@ class AzGPTFinetune(AzGPT):
         architecture = asdict(base.config)
         architecture["vocab_size"] = max(base.config.vocab_size, tokenizer.get_vocab_size())
         configured = {key: settings[key] for key in ARCHITECTURE_KEYS if settings[key] is not None}
-        check_same_architecture(architecture, configured)
+        check_same_architecture(architecture, configured, advice="a fine-tune takes its architecture from "
+                                "model.init_from: leave these model settings out")
         if settings["dropout"] is not None:
             architecture["dropout"] = settings["dropout"]
         if settings["optimizer"] is None:

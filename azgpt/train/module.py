@@ -127,13 +127,14 @@ def settings_doc(*classes: type) -> str:
     return "Settings by keyword.\n\nArgs:\n" + "\n".join(section.rstrip() for section in sections) + "\n"
 
 
-def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any]) -> None:
+def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any],
+                            advice: str = "use the checkpoint's config (config.yaml beside its checkpoints/) or start "
+                                          "a new run") -> None:
     """Refuse a checkpoint whose architecture differs from the configured one, naming each difference."""
     different = [k for k in ARCHITECTURE_KEYS if k in saved and k in configured and saved[k] != configured[k]]
     if different:
         details = ", ".join(f"{k}: checkpoint {saved[k]} vs config {configured[k]}" for k in different)
-        raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): "
-                         f"use the checkpoint's config (config.yaml beside its checkpoints/) or start a new run")
+        raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): {advice}")
 
 
 def data_summary(meta: dict[str, Any]) -> dict[str, Any]:

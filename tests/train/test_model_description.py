@@ -48,6 +48,10 @@ def test_bad_settings_are_one_line_naming_the_key() -> None:
         AzGPT(optimizer="sgd")
     with pytest.raises(TypeError, match="AzGPT\\(\\): got an unexpected keyword argument 'n_layers'"):
         AzGPT(n_layers=2)
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "azgpt-0.2.0-tiny.ckpt"
+    refusal = r"config \(n_layer: checkpoint 1 vs config 3\): a fine-tune takes its architecture"
+    with pytest.raises(AzGPTError, match=refusal):
+        AzGPTFinetune(init_from=str(base), n_layer=3, n_embd=32)  # n_embd agrees and is not named
 
 
 # Run in a fresh interpreter: GPTConfig gains a field before any other part of azgpt is imported, as if it had
