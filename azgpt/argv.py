@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin
 
 
 def list_flags(argv: list[str], names: set[str]) -> list[str]:
@@ -38,6 +38,5 @@ def is_list(hint: Any) -> bool:
 
 def list_parameters(cls: type, prefix: str) -> set[str]:
     """``prefix + name`` for each parameter of ``cls.__init__`` that takes a list."""
-    hints = get_type_hints(cls.__init__)
-    return {prefix + name for name in inspect.signature(cls.__init__).parameters
-            if name in hints and is_list(hints[name])}
+    parameters = inspect.signature(cls.__init__, eval_str=True).parameters  # also a generated __signature__
+    return {prefix + name for name, parameter in parameters.items() if is_list(parameter.annotation)}

@@ -42,7 +42,27 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class GPTConfig:
-    """Model hyperparameters."""
+    """The model's architecture: everything needed to build a GPT whose weights fit.
+
+    Args:
+        vocab_size: vocabulary of the tokenizer (linked from the data in configs).
+        block_size: context length (linked from the data in configs).
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block.
+        n_embd: width of the residual stream.
+        dropout: dropout rate while training (a training setting: it may change on resume or fine-tune).
+        bias: biases in the linear layers and LayerNorms.
+        activation: the GELU of the ``gelu`` MLP: ``gelu`` (exact, erf) or ``gelu_tanh`` (GPT-2's approximation,
+            about 3x slower in bf16 on CPUs and the default of checkpoints written before this setting).
+        position: ``learned`` (GPT-2's table of position vectors) or ``rope`` (rotary embeddings).
+        rope_theta: RoPE's base wavelength.
+        norm: ``layernorm`` or ``rmsnorm`` (no mean subtraction, no bias).
+        qk_norm: RMS-normalise each head's queries and keys before attention.
+        mlp: ``gelu`` (with ``activation``) or ``relu2`` (squared ReLU), 4*n_embd wide; or ``swiglu`` (gated SiLU).
+        tie_embeddings: the output head shares the token embedding's weights.
+        zero_init: residual output projections (and an untied head) start at zero.
+        logit_softcap: > 0: logits = cap * tanh(logits / cap); 0: off.
+    """
 
     vocab_size: int = 8192
     block_size: int = 256
@@ -51,17 +71,15 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = False
-    # "gelu" is exact (erf); "gelu_tanh" is GPT-2's tanh approximation, about 3x slower in bf16 on CPUs
-    # (5% of a training step on the reference config) and the default of checkpoints written before this setting.
     activation: str = "gelu"
-    position: str = "learned"  # "learned": GPT-2's table of position vectors; "rope": rotary embeddings
-    rope_theta: float = 10000.0  # RoPE's base wavelength
-    norm: str = "layernorm"  # or "rmsnorm" (no mean subtraction, no bias)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
-    mlp: str = "gelu"  # "gelu" (with `activation`) and "relu2" (squared ReLU): 4*n_embd wide; "swiglu": gated SiLU
-    tie_embeddings: bool = True  # the output head shares the token embedding's weights
-    zero_init: bool = False  # residual output projections (and an untied head) start at zero
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    tie_embeddings: bool = True
+    zero_init: bool = False
+    logit_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import resource
@@ -52,6 +51,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from azgpt.train.callbacks import TextSamples  # noqa: E402
 from azgpt.data.datamodule import AzGPTDataModule, FixedValBlocks, RandomTrainBlocks  # noqa: E402
 from azgpt.train.module import AzGPT, adamw_param_groups, build_adamw, warmup_cosine  # noqa: E402
+from azgpt.train.optim import OptimConfig  # noqa: E402
 from azgpt.model import GPT, GPTConfig  # noqa: E402
 from azgpt.train.precision import measure_matmul_flops, precision_dtype, resolve_cpu_precision, synchronize  # noqa: E402
 from azgpt.train.lightning_cli import AzGPTCLI, resolve_config_arguments  # noqa: E402
@@ -257,8 +257,7 @@ def run_plain(args: argparse.Namespace, tokens: Tokens) -> Clock:
     clipping and blocks; nothing else."""
     dev = device()
     total = args.warmup + args.steps
-    hp = argparse.Namespace(**{name: param.default for name, param in  # AzGPT's defaults, as in base.yaml
-                               inspect.signature(AzGPT.__init__).parameters.items() if name != "self"})
+    hp = OptimConfig()  # AzGPT's defaults, as in base.yaml
     torch.manual_seed(SEED)
     model = GPT(GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)).to(dev)

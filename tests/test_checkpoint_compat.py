@@ -63,3 +63,15 @@ def test_an_old_checkpoint_resumes(tmp_path, monkeypatch, capsys) -> None:
     assert code == 0, capsys.readouterr().err[-2000:]
     meta = json.loads((tmp_path / "run" / "lightning_logs" / "version_1" / "model" / "meta.json").read_text())
     assert meta["global_step"] == 4
+
+
+def test_an_old_checkpoint_loads_in_a_notebook_and_starts_a_finetune() -> None:
+    """Its flat hyper_parameters still build AzGPT (load_from_checkpoint) and AzGPTFinetune (init_from)."""
+    from azgpt.train.finetune import AzGPTFinetune
+    from azgpt.train.module import AzGPT
+
+    model = AzGPT.load_from_checkpoint(OLD, map_location="cpu")
+    assert model.config == load_model(OLD).config and model.optim.learning_rate == 0.002
+    tuned = AzGPTFinetune(init_from=str(OLD))
+    assert tuned.config.n_embd == 32 and tuned.hparams.init_from == str(OLD)
+    assert tuned.config.vocab_size > model.config.vocab_size  # grown by the chat template's tokens

@@ -9,8 +9,9 @@ same LightningModule (loss, AdamW groups, NaN guard, validation metrics), Traine
 from __future__ import annotations
 
 import inspect
-from typing import Literal
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,7 +22,10 @@ from azgpt.data.chat import DEFAULT_TEMPLATE
 from azgpt.data.instructions import InstructionDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.lightning_cli import AzGPTCLI, run_lightning_cli
-from azgpt.train.module import OPTIMIZERS, AzGPT, CompileSetting, check_same_architecture
+from azgpt.model import GPTConfig
+from azgpt.train.module import (COMPILE, OPTIM_KEYS, AzGPT, bind_settings, check_same_architecture, settings_doc,
+                                settings_parameters, settings_signature)
+from azgpt.train.optim import FINETUNE_OPTIM, OPTIMIZERS, OptimConfig
 
 EMBEDDING_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one tensor under both names when tied
 
@@ -48,71 +52,51 @@ def trained_with_optimizer(base: Checkpoint) -> str:
     return recorded if recorded in OPTIMIZERS else "adamw"
 
 
+# AzGPTFinetune's arguments: the base model, then GPTConfig's fields (None: the base model's), OptimConfig's
+# fields with a fine-tune's defaults, and compile.
+FINETUNE_SIGNATURE = settings_signature(
+    inspect.Parameter("init_from", inspect.Parameter.KEYWORD_ONLY, annotation=str),
+    *settings_parameters(GPTConfig, None), *settings_parameters(OptimConfig, FINETUNE_OPTIM), COMPILE)
+
+
 class AzGPTFinetune(AzGPT):
     """AzGPT started from a pretrained checkpoint, its vocabulary grown by the chat template's tokens.
 
+    It takes ``init_from``, each field of ``GPTConfig`` and of ``OptimConfig``, and ``compile``, by keyword. The
+    architecture comes from ``init_from``: leave its fields unset (a value that differs from the checkpoint's is
+    refused), except ``dropout`` (None: the checkpoint's). The optimizer settings are fit's with a fine-tune's
+    defaults (``FINETUNE_OPTIM``); a new optimizer and schedule start at step 0.
+
     Args:
-        init_from: checkpoint written by ``azgpt fit`` (or a fine-tune) whose weights and tokenizer start the run.
-        vocab_size, block_size, n_layer, n_head, n_embd, bias, activation: the architecture, taken from
-            ``init_from`` (leave them unset; a value that differs from the checkpoint's is refused).
-        dropout: dropout while fine-tuning (None: the checkpoint's).
+        init_from: checkpoint or model folder written by ``azgpt fit`` (or a fine-tune) whose weights and tokenizer
+            start the run.
         optimizer: adamw or muon (None: the one the base model was trained with, so a modern-recipe model keeps
             Muon for its block matrices; adamw where the base does not say).
-        muon_lr, muon_momentum, muon_warmup_steps, learning_rate, min_lr_ratio, warmup_steps, decay_steps,
-            lr_schedule, cooldown_fraction, cooldown_shape, weight_decay, beta1, beta2, eps, compile: as for
-            ``fit`` (see AzGPT); a new optimizer and schedule start at step 0.
     """
 
-    def __init__(
-        self,
-        init_from: str,
-        vocab_size: int | None = None,
-        block_size: int | None = None,
-        n_layer: int | None = None,
-        n_head: int | None = None,
-        n_embd: int | None = None,
-        dropout: float | None = None,
-        bias: bool | None = None,
-        activation: str | None = None,
-        optimizer: str | None = None,
-        muon_lr: float = 0.02,
-        muon_momentum: float = 0.95,
-        muon_warmup_steps: int = 0,
-        learning_rate: float = 3e-4,
-        min_lr_ratio: float = 0.1,
-        warmup_steps: int = 10,
-        decay_steps: int | None = None,
-        lr_schedule: Literal["cosine", "wsd"] | None = None,
-        cooldown_fraction: float = 0.2,
-        cooldown_shape: Literal["linear", "1-sqrt"] = "linear",
-        weight_decay: float = 0.0,
-        beta1: float = 0.9,
-        beta2: float = 0.95,
-        eps: float = 1e-8,
-        compile: CompileSetting = False,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
+        settings = bind_settings(FINETUNE_SIGNATURE, self, settings)
+        init_from = settings.pop("init_from")
         base = load_model(init_from)
         tokenizer = DEFAULT_TEMPLATE.add_to_tokenizer(base.tokenizer)
         known = base.tokenizer.get_vocab_size()
         new_ids = [i for i in DEFAULT_TEMPLATE.token_ids(tokenizer).values() if i >= known]
-        architecture = {key: getattr(base.config, key) for key in ARCHITECTURE_KEYS}
+        architecture = asdict(base.config)
         architecture["vocab_size"] = max(base.config.vocab_size, tokenizer.get_vocab_size())
-        configured = {"vocab_size": vocab_size, "block_size": block_size, "n_layer": n_layer, "n_head": n_head,
-                      "n_embd": n_embd, "bias": bias, "activation": activation}
-        check_same_architecture(architecture, {k: v for k, v in configured.items() if v is not None})
-        if optimizer is None:
-            optimizer = trained_with_optimizer(base)
-            rank_zero_info(f"azgpt finetune: optimizer {optimizer}, as the base model was trained "
+        configured = {key: settings[key] for key in ARCHITECTURE_KEYS if settings[key] is not None}
+        check_same_architecture(architecture, configured, advice="a fine-tune takes its architecture from "
+                                "model.init_from: leave these model settings out")
+        if settings["dropout"] is not None:
+            architecture["dropout"] = settings["dropout"]
+        if settings["optimizer"] is None:
+            settings["optimizer"] = trained_with_optimizer(base)
+            rank_zero_info(f"azgpt finetune: optimizer {settings['optimizer']}, as the base model was trained "
                            f"(model.optimizer changes it)")
-        settings = dict(dropout=base.config.dropout if dropout is None else dropout, optimizer=optimizer,
-                        muon_lr=muon_lr, muon_momentum=muon_momentum, muon_warmup_steps=muon_warmup_steps,
-                        learning_rate=learning_rate,
-                        min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                        weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, compile=compile,
-                        lr_schedule=lr_schedule, cooldown_fraction=cooldown_fraction, cooldown_shape=cooldown_shape)
-        super().__init__(**architecture, **settings)
+        optim = {key: settings[key] for key in OPTIM_KEYS}
+        AzGPT.__init__(self, **architecture, **optim, compile=settings["compile"])  # not super(): see AzGPT
         # The resolved values, so a checkpoint's hyperparameters describe its model without the base file.
-        self.save_hyperparameters({"init_from": str(init_from), **architecture, **settings})
+        self.save_hyperparameters({"init_from": str(init_from), **architecture, **optim,
+                                   "compile": settings["compile"]})
         weights = dict(base.state_dict)
         rows = self.config.padded_vocab_size
         for key in EMBEDDING_KEYS:  # an untied head (modern recipe) grows from its own rows, not the embedding's
@@ -120,6 +104,9 @@ class AzGPTFinetune(AzGPT):
         self.model.load_state_dict(weights)
         self.tokenizer_json = tokenizer.to_str()
         self.chat_template = DEFAULT_TEMPLATE.to_dict()
+
+    __init__.__signature__ = FINETUNE_SIGNATURE
+    __init__.__doc__ = settings_doc(GPTConfig, OptimConfig)
 
     @property
     def block_size(self) -> int:

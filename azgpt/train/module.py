@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
-from typing import Any, Literal, Union
+from dataclasses import asdict, fields
+from typing import Any, Literal, Optional, Union, get_type_hints
 
 import lightning as L
 import torch
@@ -13,19 +15,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
-from azgpt.checkpoint import ARCHITECTURE_KEYS, CHECKPOINT_KEY, azgpt_entry, upgrade_hyperparameters
+from azgpt.checkpoint import ARCHITECTURE_KEYS, CHECKPOINT_KEY, CONFIG_KEYS, azgpt_entry, upgrade_hyperparameters
 from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
 from azgpt.targets import PAD_TARGET
 from azgpt.errors import AzGPTError
-from azgpt.model import GPT, RECIPES, GPTConfig
+from azgpt.model import GPT, GPTConfig
 from azgpt.train.muon import Muon, MuonWithAdamW, hidden_matrices
+from azgpt.train.optim import OPTIMIZERS, RECIPE_OPTIMIZERS, OptimConfig
 from azgpt.train.numerics import UpdateGuard
 from azgpt.data.tokenizer import bits_per_byte, token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 
 DATA_SUMMARY_KEYS = ("source", "corpora", "normalization", "tokenizer_sha256")
-OPTIMIZERS = ("adamw", "muon")
-RECIPE_OPTIMIZERS = {"gpt2": "adamw", "modern": "muon"}  # the optimizer that is part of each named recipe
-# Architecture settings a recipe chooses when left at None (see azgpt.model.RECIPES)
+OPTIM_KEYS = tuple(f.name for f in fields(OptimConfig))
+# The architecture options a recipe may choose: AzGPT takes None (the recipe's choice) for them unless given.
 RECIPE_KEYS = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap")
 # model.compile: true, false, or "cuda" (compile when training on a CUDA GPU where Triton can build kernels).
 CompileSetting = Union[bool, Literal["cuda"]]
@@ -67,21 +69,72 @@ def warmup_stable_decay(step: int, warmup_steps: int, total_steps: int, cooldown
     return min(warm, min_lr_ratio + (1.0 - min_lr_ratio) * remaining)
 
 
-def with_recipe(hparams: dict[str, Any]) -> dict[str, Any]:
-    """``hparams`` with the settings left at None taken from its recipe (GPT-2's values unless it names one)."""
-    recipe = hparams.get("recipe") or "gpt2"
-    chosen = {**{key: getattr(GPTConfig, key) for key in RECIPE_KEYS}, **RECIPES.get(recipe, {}),
-              "optimizer": RECIPE_OPTIMIZERS.get(recipe, "adamw")}
-    return {**hparams, **{key: value for key, value in chosen.items() if hparams.get(key, None) is None}}
+def resolve_recipe(settings: dict[str, Any]) -> tuple[GPTConfig, OptimConfig]:
+    """The architecture and optimizer that AzGPT's ``settings`` describe: what they leave at None comes from their
+    ``recipe`` (see RECIPES and RECIPE_OPTIMIZERS), then from GPTConfig's and OptimConfig's defaults."""
+    recipe = settings.get("recipe") or "gpt2"
+    try:
+        config = GPTConfig.from_recipe(recipe, **{key: settings.get(key) for key in CONFIG_KEYS})
+        optim = OptimConfig(**{key: settings[key] for key in OPTIM_KEYS if key in settings})
+    except ValueError as exc:
+        message = str(exc)
+        raise AzGPTError(message if message.startswith("model") else f"model: {message}") from None
+    optim.optimizer = optim.optimizer or RECIPE_OPTIMIZERS[recipe]
+    return config, optim
 
 
-def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any]) -> None:
+def with_recipe(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every value resolved as the model built from them has it (see ``resolve_recipe``)."""
+    config, optim = resolve_recipe(settings)
+    return {**settings, **asdict(config), "optimizer": optim.optimizer}
+
+
+def settings_parameters(cls: type, defaults: Any | None, optional: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """A keyword parameter for each field of the dataclass ``cls``, typed as the field; its default is the field's
+    value in ``defaults`` (an instance), or None (``Optional``) where ``defaults`` is None or names it in
+    ``optional``."""
+    hints = get_type_hints(cls)
+    parameters = []
+    for field in fields(cls):
+        if defaults is None or field.name in optional:
+            default, hint = None, Optional[hints[field.name]]
+        else:
+            default, hint = getattr(defaults, field.name), hints[field.name]
+        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=hint))
+    return parameters
+
+
+def settings_signature(*parameters: inspect.Parameter) -> inspect.Signature:
+    """The signature of an ``__init__(self, **settings)`` that takes ``parameters`` by keyword: jsonargparse
+    (LightningCLI's flags and configs), Lightning's ``load_from_checkpoint`` and ``inspect`` all read it."""
+    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters])
+
+
+def bind_settings(signature: inspect.Signature, owner: object, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` checked against ``signature`` as Python checks a call's arguments, with the defaults added."""
+    try:
+        bound = signature.bind(owner, **settings)
+    except TypeError as exc:
+        raise TypeError(f"{type(owner).__name__}(): {exc}") from None
+    bound.apply_defaults()
+    return {key: value for key, value in bound.arguments.items() if key != "self"}
+
+
+def settings_doc(*classes: type) -> str:
+    """The ``Args:`` sections of ``classes``' docstrings as one (jsonargparse's help text for each flag)."""
+    sections = [inspect.cleandoc(cls.__doc__).partition("Args:\n")[2] for cls in classes]
+    return "Settings by keyword.\n\nArgs:\n" + "\n".join(section.rstrip() for section in sections) + "\n"
+
+
+def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any],
+                            advice: str = "use the checkpoint's config (config.yaml beside its checkpoints/) or start "
+                                          "a new run") -> None:
     """Refuse a checkpoint whose architecture differs from the configured one, naming each difference."""
     different = [k for k in ARCHITECTURE_KEYS if k in saved and k in configured and saved[k] != configured[k]]
     if different:
         details = ", ".join(f"{k}: checkpoint {saved[k]} vs config {configured[k]}" for k in different)
-        raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): "
-                         f"use the checkpoint's config (config.yaml beside its checkpoints/) or start a new run")
+        raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): {advice}")
 
 
 def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
@@ -112,99 +165,41 @@ def build_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Adam
         return torch.optim.AdamW(groups, **kwargs)
 
 
+COMPILE = inspect.Parameter("compile", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=CompileSetting)
+# AzGPT's arguments: GPTConfig's fields, the recipe, OptimConfig's fields and compile, each declared once there.
+FIT_SIGNATURE = settings_signature(
+    *settings_parameters(GPTConfig, GPTConfig(), optional=RECIPE_KEYS),
+    inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default="gpt2", annotation=str),
+    *settings_parameters(OptimConfig, OptimConfig()), COMPILE)
+
+
 class AzGPT(L.LightningModule):
     """A GPT language model and how to train it.
 
+    It takes, by keyword, each field of ``GPTConfig`` (the architecture) and of ``OptimConfig`` (the optimizer and
+    schedule), with their defaults, plus ``recipe`` and ``compile``: ``--model.n_layer 4``, ``--model.learning_rate
+    3e-4``. Its hyperparameters (and so its checkpoints) hold them flat; ``self.config`` and ``self.optim`` are the
+    two descriptions built from them.
+
     Args:
-        vocab_size: vocabulary of the tokenizer (linked from the data in configs).
-        block_size: context length (linked from the data in configs).
-        n_layer, n_head, n_embd, dropout, bias, activation: the architecture (see ``GPTConfig``).
-        recipe: a named combination of the settings below and the optimizer: ``gpt2`` (learned positions,
+        recipe: a named combination of architecture options and optimizer: ``gpt2`` (learned positions,
             LayerNorm, GELU, tied head, AdamW) or ``modern`` (RoPE, RMSNorm, SwiGLU, untied zero-initialised
-            head and projections, Muon). A setting given explicitly overrides the recipe's.
-        position, rope_theta, norm, qk_norm, mlp, tie_embeddings, zero_init, logit_softcap: the architecture
-            options of ``GPTConfig``; None takes the recipe's value.
-        optimizer: ``adamw`` for every weight, or ``muon``: torch's Muon for the 2-D weights inside the blocks and
-            AdamW for the embedding, head, norms and biases (None: the recipe's).
-        muon_lr: Muon's peak learning rate (its own; ``learning_rate`` stays AdamW's).
-        muon_momentum: Muon's momentum.
-        muon_warmup_steps: Muon's own linear warmup; it then follows the same cosine as AdamW.
-        learning_rate: peak AdamW learning rate, reached after ``warmup_steps`` optimizer steps.
-        min_lr_ratio: the schedule ends at ``learning_rate * min_lr_ratio``.
-        warmup_steps: linear warmup length in optimizer steps.
-        decay_steps: optimizer step where the schedule reaches its floor (None: ``trainer.max_steps``; must be
-            None with a time budget, which plans the steps).
-        lr_schedule: ``cosine`` (warmup, then cosine decay to the floor) or ``wsd`` (warmup-stable-decay: warmup,
-            constant, then a cooldown to the floor on the last step). None: ``wsd`` when a time budget
-            (``--budget``) plans the steps, else ``cosine``. Checkpoints record the one used.
-        cooldown_fraction: the share of the steps the ``wsd`` cooldown takes (at the end).
-        cooldown_shape: the ``wsd`` cooldown: ``linear`` or ``1-sqrt`` (1 - sqrt of its progress).
-        weight_decay: AdamW decay, applied to the weights of linear and embedding layers only.
-        beta1, beta2, eps: AdamW constants.
+            head and projections, Muon). A setting given explicitly overrides the recipe's; those it may choose
+            (``RECIPE_KEYS`` and ``optimizer``) default to None, the recipe's.
         compile: compile the model with ``torch.compile``: true, false, or ``cuda`` (only when training on a
             CUDA GPU that Triton supports; elsewhere it says why once and runs uncompiled).
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 8192,
-        block_size: int = 256,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 256,
-        dropout: float = 0.0,
-        bias: bool = False,
-        activation: str = "gelu",
-        recipe: str = "gpt2",
-        position: str | None = None,
-        rope_theta: float = 10000.0,
-        norm: str | None = None,
-        qk_norm: bool | None = None,
-        mlp: str | None = None,
-        tie_embeddings: bool | None = None,
-        zero_init: bool | None = None,
-        logit_softcap: float | None = None,
-        optimizer: str | None = None,
-        muon_lr: float = 0.02,
-        muon_momentum: float = 0.95,
-        muon_warmup_steps: int = 0,
-        learning_rate: float = 6e-4,
-        min_lr_ratio: float = 0.1,
-        warmup_steps: int = 100,
-        decay_steps: int | None = None,
-        lr_schedule: Literal["cosine", "wsd"] | None = None,
-        cooldown_fraction: float = 0.2,
-        cooldown_shape: Literal["linear", "1-sqrt"] = "linear",
-        weight_decay: float = 0.1,
-        beta1: float = 0.9,
-        beta2: float = 0.95,
-        eps: float = 1e-8,
-        compile: CompileSetting = False,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        options = dict(position=position, norm=norm, qk_norm=qk_norm, mlp=mlp, tie_embeddings=tie_embeddings,
-                       zero_init=zero_init, logit_softcap=logit_softcap)
-        try:
-            self.config = GPTConfig.from_recipe(recipe, vocab_size=vocab_size, block_size=block_size,
-                                                n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
-                                                bias=bias, activation=activation, rope_theta=rope_theta, **options)
-        except ValueError as exc:
-            raise AzGPTError(f"model: {exc}") from None
-        optimizer = optimizer or RECIPE_OPTIMIZERS[recipe]
-        if optimizer not in OPTIMIZERS:
-            raise AzGPTError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        compile_decision(compile, torch.device("cpu"))  # refuses an unknown setting before any work
+    def __init__(self, **settings: Any) -> None:
+        # No super() here or in subclasses' __init__: the name gives the frame a __class__ cell, and Lightning's
+        # save_hyperparameters then looks up each parameter of the generated signature among the frame's locals.
+        L.LightningModule.__init__(self)
+        settings = bind_settings(FIT_SIGNATURE, self, settings)
+        self.config, self.optim = resolve_recipe(settings)
+        compile_decision(settings["compile"], torch.device("cpu"))  # refuses an unknown setting before any work
         # Checkpoints record what was built, not None: they load without knowing what the recipe was then.
-        self.hparams.update({key: getattr(self.config, key) for key in RECIPE_KEYS}, optimizer=optimizer)
-        if learning_rate <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
-            raise AzGPTError(f"model: need learning_rate > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0; got "
-                             f"{learning_rate}, {min_lr_ratio}, {warmup_steps}")
-        if lr_schedule not in (None, "cosine", "wsd"):
-            raise AzGPTError(f"model.lr_schedule must be cosine, wsd or null, got {lr_schedule!r}")
-        if cooldown_shape not in ("linear", "1-sqrt") or not 0 <= cooldown_fraction <= 1:
-            raise AzGPTError(f"model: need cooldown_shape linear or 1-sqrt and 0 <= cooldown_fraction <= 1; got "
-                             f"{cooldown_shape!r}, {cooldown_fraction}")
+        self.save_hyperparameters({**settings, **{key: getattr(self.config, key) for key in RECIPE_KEYS},
+                                   "optimizer": self.optim.optimizer})
         self.model = GPT(self.config)
         self.tokenizer_json: str | None = None  # carried in checkpoints so one .ckpt can write text
         self.data_summary: dict[str, Any] | None = None  # what it was trained on, for the exported model card
@@ -225,6 +220,9 @@ class AzGPT(L.LightningModule):
         self._guard = UpdateGuard()
         self._rng_to_restore: dict[str, Any] | None = None
         self._data_dir: str | None = None  # where tokenizer_json came from, once setup() has seen the data
+
+    __init__.__signature__ = FIT_SIGNATURE
+    __init__.__doc__ = settings_doc(GPTConfig, OptimConfig)
 
     # -- setup -----------------------------------------------------------------------------------------
 
