@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from azgpt.train.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from azgpt.train.resume import AtomicCheckpointIO, load_checkpoint_file
 from azgpt.errors import AzGPTError
 
 

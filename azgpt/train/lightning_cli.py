@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from azgpt.argv import list_flags, list_parameters
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
-from azgpt.train.checkpointing import checkpoint_folders, resolve_checkpoint
+from azgpt.train.resume import checkpoint_folders, resolve_checkpoint
 from azgpt.train.loggers import run_dir
 from azgpt.train.module import AzGPT, check_same_architecture, with_recipe
 from azgpt.train.time_budget import TimeBudget, parse_budget

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
 from azgpt.checkpoint import ARCHITECTURE_KEYS, CHECKPOINT_KEY, CONFIG_KEYS, azgpt_entry, upgrade_hyperparameters
-from azgpt.train.checkpointing import capture_rng_state, restore_rng_state
+from azgpt.train.resume import capture_rng_state, restore_rng_state
 from azgpt.targets import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig

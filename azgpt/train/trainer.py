@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from azgpt.train.budget import DataBudgetCheck
 from azgpt.train.callbacks import StepProgressBar
-from azgpt.train.checkpointing import AtomicCheckpointIO, SaveLastAtEnd
+from azgpt.train.resume import AtomicCheckpointIO, SaveLastAtEnd
 from azgpt.train.loggers import NoEmptyRunFolder
 from azgpt.train.model_folder import WriteModelFolder
 from azgpt.train.precision import resolve_cpu_precision

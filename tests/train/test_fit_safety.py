@@ -95,7 +95,7 @@ def test_ckpt_path_best_is_the_best_checkpoint_the_run_recorded(trained_run: Pat
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
-    from azgpt.train.checkpointing import resolve_checkpoint
+    from azgpt.train.resume import resolve_checkpoint
 
     shutil.copytree(trained_run, tmp_path / "lightning_logs" / "version_0")
     monkeypatch.chdir(tmp_path)

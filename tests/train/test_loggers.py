@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from azgpt.cli import main
-from azgpt.train.checkpointing import checkpoint_folders
+from azgpt.train.resume import checkpoint_folders
 from azgpt.train.history import read_history, wandb_records
 from tests.conftest import tiny_fit_args
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from azgpt.train.checkpointing import AtomicCheckpointIO, NonFiniteWeightsError, load_checkpoint_file
+from azgpt.train.resume import AtomicCheckpointIO, NonFiniteWeightsError, load_checkpoint_file
 from azgpt.cli import main
 from azgpt.data.prepare import PrepareConfig, prepare
 from resume_helpers import MAX_STEPS, read_final, read_losses, subprocess_env, write_config
@@ -148,7 +148,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path) -> No
 
     import numpy as np
 
-    from azgpt.train.checkpointing import atomic_torch_save, capture_rng_state, restore_rng_state
+    from azgpt.train.resume import atomic_torch_save, capture_rng_state, restore_rng_state
 
     torch.manual_seed(1)
     state = capture_rng_state()

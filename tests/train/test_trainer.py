@@ -14,7 +14,7 @@ from azgpt import AzGPT, AzGPTDataModule, build_trainer
 from azgpt.checkpoint import load_checkpoint_file
 from azgpt.errors import TrainingInterrupted
 from azgpt.train.callbacks import StepProgressBar
-from azgpt.train.checkpointing import AtomicCheckpointIO
+from azgpt.train.resume import AtomicCheckpointIO
 from azgpt.train.signals import GracefulStop
 from tests.conftest import TINY_BLOCK, TINY_VOCAB
 

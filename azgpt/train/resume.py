@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill, load only tensors and plain values, and resume exactly.
+"""Stop and resume: checkpoints that survive a kill, load only tensors and plain values, and resume exactly.
 
 - ``AtomicCheckpointIO``: Lightning's checkpoint plugin, writing each file under a temporary name in the
   target folder, fsyncing it, then renaming it, so a ``.ckpt`` is either complete or absent.
