@@ -8,7 +8,8 @@ Held out, whole sources the training never sees: wiki + poetry, on which bits pe
 set of blocks spread over both). Each variant trains in turns of ``--turn`` seconds, round robin, until each
 has trained ``--minutes``; load from other processes hits every variant alike. Only time spent in training
 steps counts; evaluations run between turns. The learning rate follows a warmup and a cosine over the wall-time
-budget (the fraction of the budget used, not a step count, since the step rate is not known in advance).
+budget (the fraction of the budget used, not a step count, since the step rate is not known in advance), or
+with ``lr_schedule=wsd`` in a variant, warmup-stable-decay over it as ``fit --budget`` runs it.
 
 The model and optimizer are azgpt's own (``AzGPT(...).model`` and the optimizer ``fit`` would build), trained in
 a plain loop in fp32 (the faster precision on CPUs without native bf16 matmuls, see ../shared/PERF-NOTES.md).
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--reference", default=None, help="name prefix of the variants to race against: the one "
+                   "with the best final bpb is the reference (default: the first variant)")
     p.add_argument("--corpus", type=Path, default=SHARED_CORPUS)
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "azgpt" / "bench-recipe")
     args = p.parse_args(argv)
@@ -151,15 +154,22 @@ def warm_up(model: torch.nn.Module, args: argparse.Namespace) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def lr_factor(step: int, warmup: int, used: float, min_ratio: float = 0.1) -> float:
-    """Linear warmup over ``warmup`` steps, then a cosine over the fraction ``used`` of the time budget."""
+def lr_factor(step: int, warmup: int, used: float, min_ratio: float = 0.1, schedule: str | None = None,
+              cooldown: float = 0.2) -> float:
+    """Linear warmup over ``warmup`` steps, then over the fraction ``used`` of the time budget: a cosine down to
+    ``min_ratio`` (the default), or with ``schedule="wsd"`` the peak until the last ``cooldown`` of the budget
+    and a linear cooldown to ``min_ratio`` over it (what ``fit --budget`` runs)."""
     if step < warmup:
         return (step + 1) / warmup
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, used)))
+    used = min(1.0, used)
+    if schedule == "wsd":
+        return 1.0 - (1 - min_ratio) * max(0.0, (used - (1 - cooldown)) / cooldown)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * used))
 
 
 def train_turn(run: Run, data: Data, args: argparse.Namespace, seconds: float, budget: float) -> None:
     model = run.module.model.train()
+    hp = run.module.hparams
     block = args.block_size
     end = time.perf_counter() + seconds
     while time.perf_counter() < end and run.train_seconds < budget:
@@ -167,7 +177,8 @@ def train_turn(run: Run, data: Data, args: argparse.Namespace, seconds: float, b
         offsets = run.rng.integers(0, len(data.train) - block - 1, size=args.batch_size)
         chunk = torch.from_numpy(np.stack([data.train[o:o + block + 1] for o in offsets]).astype(np.int64))
         for group, base, warmup in zip(run.optimizer.param_groups, run.base_lrs, run.warmups):
-            group["lr"] = base * lr_factor(run.steps, warmup, run.train_seconds / budget)
+            group["lr"] = base * lr_factor(run.steps, warmup, run.train_seconds / budget, hp["min_lr_ratio"],
+                                           hp["lr_schedule"], hp["cooldown_fraction"])
         run.optimizer.zero_grad(set_to_none=True)
         _, loss = model(chunk[:, :-1], chunk[:, 1:])
         loss.backward()
@@ -235,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nheld-out bits per byte against training time (s):")
     for run in runs:
         print(f"  {run.name:>16}: " + "  ".join(f"{t:.0f}s {b:.3f}" for t, _, b in run.curve))
-    reference = runs[0]
+    # The reference: the best final of the variants named --reference... (a swept recipe races its best rate).
+    candidates = [run for run in runs if run.name.startswith(args.reference or runs[0].name)] or runs[:1]
+    reference = min(candidates, key=lambda run: run.curve[-1][2])
     target = reference.curve[-1][2]
-    print(f"\ntime to reach {reference.name}'s final held-out bits per byte ({target:.4f}):")
+    print(f"\ntime to reach {reference.name}'s final held-out bits per byte ({target:.4f}), the best final of "
+          f"{', '.join(run.name for run in candidates)}:")
     for run in runs:
         reached = time_to_reach(run.curve, target)
         rate = run.tokens / run.train_seconds
