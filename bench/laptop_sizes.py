@@ -1,18 +1,15 @@
 """Which model size learns most in a fixed CPU time: the sizing behind configs/laptop.yaml.
 
-    PYTHONPATH=. python bench/laptop_sizes.py [--minutes 30] [--scale 1] [--sizes 2x128 3x192 4x256] [--seeds 1 2]
+    PYTHONPATH=. python bench/laptop_sizes.py [--minutes 27] [--sizes 2x128 3x192 4x256] [--seeds 1337 1]
 
 1. Data: the local real corpus in ../shared (web, legal, quran, social to train on; wiki and poetry held out for
    validation), prepared once with laptop.yaml's vocabulary and block.
-2. Throughput: each size trains a few optimizer steps with laptop.yaml's recipe and optimizers, in turn (two
-   rounds, best kept), so a machine that gets busier slows all sizes alike.
-3. Equal time: each size then runs the real ``python -m azgpt.cli fit --config quickstart.yaml --config
-   laptop.yaml`` (callbacks and validation included) for ``scale x minutes`` worth of its measured optimizer
-   steps, its learning-rate schedule ending there. Steps rather than a wall-clock limit, so every schedule
-   completes; the table shows each run's real wall time beside its final held-out val_bpb. Steps sized from
-   a probe are not equal wall time (a run's validation and checkpoints come on top, and the machine drifts):
-   compare the wall times before reading the val_bpb margins.
-4. Seeds: every size runs once per ``--seeds`` value (``--seed_everything``: initial weights and the blocks
+2. Equal time: each size runs the real ``python -m azgpt.cli fit --config quickstart.yaml --config laptop.yaml
+   --budget`` for the same ``--minutes`` of training (validations included, as the budget counts them): azgpt
+   plans the steps from its measured speed, re-plans when the machine drifts, and ends the learning-rate
+   schedule at its floor on the last step. The table shows the steps each size got and its final held-out
+   val_bpb.
+3. Seeds: every size runs once per ``--seeds`` value (``--seed_everything``: initial weights and the blocks
    drawn), seed by seed, the sizes in alternating order, and the table gives the mean and the spread, since
    the sizes' margins (about 0.01 bpb) are of the order of what a seed changes.
 """
@@ -55,32 +52,11 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return n_layer, n_embd // 64, n_embd
 
 
-def steps_per_second(model_settings: dict, dm: AzGPTDataModule, steps: int, accumulate: int) -> tuple[float, int]:
-    """Optimizer steps per second of this model with its real optimizer (Muon's fixed cost per step included),
-    and its parameter count."""
-    module = AzGPT(vocab_size=dm.vocab_size, block_size=dm.block_size, **model_settings)
-    optimizer, _ = module.build_optimizer()
-    blocks = dm.train_dataset()
-    started = time.perf_counter()
-    for step in range(steps + 2):
-        if step == 2:
-            started = time.perf_counter()  # two untimed steps fault in the heap and warm the kernels
-        for micro in range(accumulate):
-            inputs, targets = blocks.batch_at(step * accumulate + micro)
-            _, loss = module.model(inputs, targets)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return steps / (time.perf_counter() - started), module.model.num_params(non_embedding=False)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--minutes", type=float, default=27, help="training time of every fit (its --budget)")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=["2x128", "3x192", "4x256"],
                         help="LAYERSxWIDTH, heads of width 64")
-    parser.add_argument("--probe-steps", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1], help="one fit per size and seed")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shared-az")
     parser.add_argument("--work", type=Path, default=None, help="where the runs' logs go (default: a temp folder)")
@@ -100,25 +76,17 @@ def main() -> None:
     tokens_per_step = data["batch_size"] * accumulate * data["block_size"]
     train_tokens = dm.meta["splits"]["train"]["tokens"]
     print(f"data: {train_tokens:,} train tokens (web, legal, quran, social), held out: wiki + poetry; "
-          f"{torch.get_num_threads()} threads, fp32; {tokens_per_step:,} tokens per optimizer step", flush=True)
+          f"{torch.get_num_threads()} threads; {tokens_per_step:,} tokens per optimizer step; each fit --budget "
+          f"{args.minutes:g} min of training", flush=True)
 
     sizes = {f"{n_layer}x{n_embd}": (n_layer, n_head, n_embd) for n_layer, n_head, n_embd in args.sizes}
-    settings = {name: {**laptop["model"], "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
-                for name, (n_layer, n_head, n_embd) in sizes.items()}
-    rates: dict[str, float] = {}
-    parameters: dict[str, int] = {}
-    for round_index in range(2):
-        for name in sizes if round_index == 0 else reversed(sizes):
-            rate, parameters[name] = steps_per_second(settings[name], dm, args.probe_steps, accumulate)
-            rates[name] = max(rates.get(name, 0.0), rate)
-
+    parameters = {name: AzGPT(**{**laptop["model"], "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd},
+                              vocab_size=dm.vocab_size, block_size=dm.block_size).model.num_params(non_embedding=False)
+                  for name, (n_layer, n_head, n_embd) in sizes.items()}
+    budget = f"{args.minutes * 60:.0f}s"
     work = args.work or Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
     work.mkdir(parents=True, exist_ok=True)
-    steps = {name: max(int(rates[name] * args.minutes * 60 * args.scale), 20) for name in sizes}
-    for name in sizes:
-        print(f"{name}: {rates[name] * tokens_per_step:,.0f} tokens/s -> {steps[name]:,} steps "
-              f"({steps[name] * tokens_per_step / train_tokens:.2f} epochs)", flush=True)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in sizes}  # (seconds, val_bpb) per seed
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in sizes}  # (s, steps, val_bpb) a seed
     for seed_index, seed in enumerate(args.seeds):
         order = list(sizes) if seed_index % 2 == 0 else list(reversed(sizes))
         for name in order:
@@ -126,36 +94,34 @@ def main() -> None:
             command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config",
                        "laptop.yaml", *data_args, "--seed_everything", str(seed), "--model.n_layer", str(n_layer),
                        "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
-                       "--budget", "null", "--trainer.max_steps", str(steps[name]),
-                       "--val_every_n_steps", str(max(steps[name] // 10, 1)),
-                       "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
+                       "--budget", budget, "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
             folder = work / f"{name}-seed{seed}"
             if folder.exists():
                 raise SystemExit(f"{folder} already exists (an earlier run's logs): pass another --work")
             folder.mkdir()
             started = time.perf_counter()
-            run = subprocess.run(command, cwd=folder, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            run = subprocess.run(command, cwd=folder, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
                                  capture_output=True, text=True)
             seconds = time.perf_counter() - started
             (folder / "fit.log").write_text(run.stdout + run.stderr)
             if run.returncode != 0:
                 raise SystemExit(f"{name} seed {seed}: fit failed (exit {run.returncode}); see {folder / 'fit.log'}")
             version = max((folder / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
-            val_bpb = read_history(version).curve("val_bpb")[-1].value
-            results[name].append((seconds, val_bpb))
-            print(f"{name} seed {seed}: val_bpb {val_bpb:.4f} after {steps[name]} steps in {seconds / 60:.1f} min "
-                  f"({version})", flush=True)
+            last = read_history(version).curve("val_bpb")[-1]
+            results[name].append((seconds, last.step, last.value))
+            print(f"{name} seed {seed}: val_bpb {last.value:.4f} after {last.step:,} steps, "
+                  f"{seconds / 60:.1f} min end to end ({version})", flush=True)
 
-    print(f"\n| size | parameters | optimizer steps | tokens | wall time (mean) | final val_bpb, mean of "
-          f"{len(args.seeds)} seeds (min-max) |\n|---|---|---|---|---|---|")
+    print(f"\n| size | parameters | optimizer steps (mean) | tokens (mean) | end to end (mean) | final val_bpb, mean "
+          f"of {len(args.seeds)} seeds (min-max) |\n|---|---|---|---|---|---|")
     means = {}
     for name, runs in results.items():
-        bpbs = [bpb for _, bpb in runs]
+        bpbs = [bpb for _, _, bpb in runs]
         means[name] = statistics.fmean(bpbs)
-        wall = statistics.fmean(seconds for seconds, _ in runs)
-        print(f"| {name} | {parameters[name] / 1e6:.2f} M | {steps[name]:,} | "
-              f"{steps[name] * tokens_per_step / 1e6:.1f} M | {wall / 60:.1f} min | {means[name]:.4f} "
-              f"({min(bpbs):.4f}-{max(bpbs):.4f}) |")
+        wall = statistics.fmean(seconds for seconds, _, _ in runs)
+        steps = statistics.fmean(step for _, step, _ in runs)
+        print(f"| {name} | {parameters[name] / 1e6:.2f} M | {steps:,.0f} | {steps * tokens_per_step / 1e6:.1f} M | "
+              f"{wall / 60:.1f} min | {means[name]:.4f} ({min(bpbs):.4f}-{max(bpbs):.4f}) |")
     best = min(means, key=means.get)
     print(f"lowest mean val_bpb: {best} ({means[best]:.4f}); a margin inside the seeds' ranges is no ranking")
 

@@ -13,7 +13,10 @@ with ``lr_schedule=wsd`` in a variant, warmup-stable-decay over it as ``fit --bu
 
 The model and optimizer are azgpt's own (``AzGPT(...).model`` and the optimizer ``fit`` would build), trained in
 a plain loop in fp32 (the faster precision on CPUs without native bf16 matmuls, see ../shared/PERF-NOTES.md).
-A variant is ``NAME`` (a recipe: gpt2, modern) or ``NAME:key=value,...`` with AzGPT arguments.
+A variant is ``NAME`` (a recipe: gpt2, modern) or ``NAME:key=value,...`` with AzGPT arguments, plus three
+of the benchmark's own that a variant may set for itself: ``minutes`` (its own training time, so a run given a
+quarter of the reference's time, its schedule ending there, races the reference's final), ``batch_size`` and
+``vocab_size`` (its own tokenizer and data; bits per byte compare across vocabularies).
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+BENCH_KEYS = ("minutes", "batch_size", "vocab_size")  # a variant's settings of the benchmark, not of AzGPT
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     """``modern`` -> recipe modern; ``name:key=value,...`` -> those AzGPT arguments (values read as YAML)."""
     import yaml
@@ -96,12 +102,12 @@ class Data:
     byte_lengths: torch.Tensor
 
 
-def load_data(args: argparse.Namespace) -> Data:
+def load_data(args: argparse.Namespace, vocab_size: int) -> Data:
     """Tokens of the training sources (prepared once, cached) and of the held-out sources, by that tokenizer."""
-    folder = args.cache_dir / f"v{args.vocab_size}"
+    folder = args.cache_dir / f"v{vocab_size}"
     if not (folder / "meta.json").is_file():
         prepare(PrepareConfig(out=folder, corpus=[str(args.corpus / f"{n}.txt.gz") for n in TRAIN_SOURCES],
-                              vocab_size=args.vocab_size, val_fraction=0.01, block_size=args.block_size))
+                              vocab_size=vocab_size, val_fraction=0.01, block_size=args.block_size))
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     held_out_file = folder / "held_out.npy"
     if not held_out_file.is_file():
@@ -121,6 +127,9 @@ def load_data(args: argparse.Namespace) -> Data:
 class Run:
     name: str
     settings: dict[str, object]
+    data: Data
+    budget: float  # training seconds
+    batch_size: int
     module: AzGPT
     optimizer: torch.optim.Optimizer
     base_lrs: list[float]
@@ -132,22 +141,29 @@ class Run:
     curve: list[tuple[float, int, float]] = field(default_factory=list)  # (train seconds, tokens, bpb)
 
 
-def build_run(name: str, settings: dict[str, object], args: argparse.Namespace) -> Run:
+def build_run(name: str, settings: dict[str, object], args: argparse.Namespace, datas: dict[int, Data]) -> Run:
     torch.manual_seed(args.seed)  # the same initial draw for every variant (where shapes agree)
-    defaults = dict(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+    vocab_size = int(settings.get("vocab_size", args.vocab_size))
+    if vocab_size not in datas:
+        datas[vocab_size] = load_data(args, vocab_size)
+    defaults = dict(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                     n_head=args.n_head, n_embd=args.n_embd, learning_rate=args.learning_rate,
                     muon_lr=args.muon_lr, warmup_steps=args.warmup_steps)
-    module = AzGPT(**{**defaults, **settings})  # a variant's own settings win over the command's
+    model_settings = {k: v for k, v in settings.items() if k not in BENCH_KEYS}
+    module = AzGPT(**{**defaults, **model_settings})  # a variant's own settings win over the command's
     optimizer, warmups = module.build_optimizer()
-    warm_up(module.model, args)
-    return Run(name, settings, module, optimizer, [g["lr"] for g in optimizer.param_groups], warmups,
+    batch_size = int(settings.get("batch_size", args.batch_size))
+    warm_up(module.model, args.block_size, batch_size, vocab_size)
+    budget = float(settings.get("minutes", args.minutes)) * 60
+    return Run(name, settings, datas[vocab_size], budget, batch_size, module, optimizer,
+               [g["lr"] for g in optimizer.param_groups], warmups,
                np.random.default_rng(args.seed))  # the same batches in the same order for every variant
 
 
-def warm_up(model: torch.nn.Module, args: argparse.Namespace) -> None:
+def warm_up(model: torch.nn.Module, block_size: int, batch_size: int, vocab_size: int) -> None:
     """Two untimed forward/backward passes on random tokens, gradients dropped: the first steps of a process
     page-fault its heap into existence, which would otherwise slow whichever variant trains first."""
-    tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1))
+    tokens = torch.randint(0, vocab_size, (batch_size, block_size + 1))
     for _ in range(2):
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -167,14 +183,14 @@ def lr_factor(step: int, warmup: int, used: float, min_ratio: float = 0.1, sched
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * used))
 
 
-def train_turn(run: Run, data: Data, args: argparse.Namespace, seconds: float, budget: float) -> None:
-    model = run.module.model.train()
+def train_turn(run: Run, args: argparse.Namespace, seconds: float) -> None:
+    model, data, budget = run.module.model.train(), run.data, run.budget
     hp = run.module.hparams
     block = args.block_size
     end = time.perf_counter() + seconds
     while time.perf_counter() < end and run.train_seconds < budget:
         start = time.perf_counter()
-        offsets = run.rng.integers(0, len(data.train) - block - 1, size=args.batch_size)
+        offsets = run.rng.integers(0, len(data.train) - block - 1, size=run.batch_size)
         chunk = torch.from_numpy(np.stack([data.train[o:o + block + 1] for o in offsets]).astype(np.int64))
         for group, base, warmup in zip(run.optimizer.param_groups, run.base_lrs, run.warmups):
             group["lr"] = base * lr_factor(run.steps, warmup, run.train_seconds / budget, hp["min_lr_ratio"],
@@ -185,13 +201,13 @@ def train_turn(run: Run, data: Data, args: argparse.Namespace, seconds: float, b
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         run.optimizer.step()
         run.steps += 1
-        run.tokens += args.batch_size * block
+        run.tokens += run.batch_size * block
         run.train_seconds += time.perf_counter() - start
 
 
 @torch.no_grad()
-def held_out_bpb(run: Run, data: Data, args: argparse.Namespace) -> float:
-    model = run.module.model.eval()
+def held_out_bpb(run: Run, args: argparse.Namespace) -> float:
+    model, data = run.module.model.eval(), run.data
     block = args.block_size
     starts = np.linspace(0, len(data.held_out) - block - 1, args.eval_blocks).astype(np.int64)
     chunk = torch.from_numpy(np.stack([data.held_out[s:s + block + 1] for s in starts]).astype(np.int64))
@@ -220,26 +236,28 @@ def main(argv: list[str] | None = None) -> int:
     print("command: PYTHONPATH=. python bench/recipe.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_data(args)
-    print(f"data: train {', '.join(TRAIN_SOURCES)}: {len(data.train):,} tokens; held out "
-          f"{', '.join(HELD_OUT_SOURCES)}: {len(data.held_out):,} tokens, {args.eval_blocks} blocks measured")
+    datas = {args.vocab_size: load_data(args, args.vocab_size)}
+    runs = [build_run(*parse_variant(text), args, datas) for text in args.variants]
+    for vocab_size, data in datas.items():
+        print(f"data, vocab {vocab_size}: train {', '.join(TRAIN_SOURCES)}: {len(data.train):,} tokens; held out "
+              f"{', '.join(HELD_OUT_SOURCES)}: {len(data.held_out):,} tokens, {args.eval_blocks} blocks measured")
     print(f"model: {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, block {args.block_size}, "
           f"vocab {args.vocab_size}; batch {args.batch_size} x {args.block_size} tokens; fp32; "
           f"{torch.get_num_threads()} threads; AdamW lr {args.learning_rate}, Muon lr {args.muon_lr}; "
           f"malloc: {tuning['malloc']}")
-    runs = [build_run(*parse_variant(text), args) for text in args.variants]
     for run in runs:
         hp = run.module.hparams
         arch = {k: hp[k] for k in ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init",
                                    "logit_softcap", "optimizer")}
-        print(f"  {run.name}: {run.module.model.num_params(non_embedding=False) / 1e6:.2f} M params, {arch}")
-        run.curve.append((0.0, 0, held_out_bpb(run, data, args)))
-    budget = args.minutes * 60
-    while any(run.train_seconds < budget for run in runs):
+        own = {k: run.settings[k] for k in BENCH_KEYS if k in run.settings}
+        print(f"  {run.name}: {run.module.model.num_params(non_embedding=False) / 1e6:.2f} M params, {arch}"
+              + (f", {own}" if own else ""))
+        run.curve.append((0.0, 0, held_out_bpb(run, args)))
+    while any(run.train_seconds < run.budget for run in runs):
         for run in runs:
-            if run.train_seconds < budget:
-                train_turn(run, data, args, args.turn, budget)
-                run.curve.append((run.train_seconds, run.tokens, held_out_bpb(run, data, args)))
+            if run.train_seconds < run.budget:
+                train_turn(run, args, args.turn)
+                run.curve.append((run.train_seconds, run.tokens, held_out_bpb(run, args)))
                 print(f"  {run.name:>16}  {run.train_seconds:7.1f} s  step {run.steps:5d}  "
                       f"held-out bpb {run.curve[-1][2]:.4f}", flush=True)
 
@@ -257,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = run.tokens / run.train_seconds
         when = (f"{reached:6.1f} s ({reached / reference.train_seconds:.2f} of {reference.name}'s time)"
                 if reached is not None else "   not reached")
-        print(f"  {run.name:>16}: {when}; final bpb {run.curve[-1][2]:.4f}; {run.steps} steps, "
+        print(f"  {run.name:>16}: {when}; final bpb {run.curve[-1][2]:.4f} after {run.train_seconds:.0f} s; "
+              f"{run.steps} steps, "
               f"{rate:,.0f} tok/s ({rate / (reference.tokens / reference.train_seconds):.2f}x {reference.name})")
     return 0
 

@@ -128,12 +128,6 @@ def read_final(run_dir: Path) -> dict:
     return torch.load(run_dir / "losses.txt.final.pt", weights_only=True)
 
 
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")])
-    return env
-
-
 class CtrlCTwice(L.Callback):
     """Presses Ctrl-C twice in a row (two real SIGINTs to this process) when optimizer step ``step`` starts."""
 

@@ -42,14 +42,21 @@ def test_recipe_benchmark_smoke_run(tmp_path) -> None:
     command = [sys.executable, str(REPO / "bench" / "recipe.py"), "--corpus", str(corpus), "--cache-dir",
                str(tmp_path / "cache"), "--minutes", "0.05", "--turn", "1", "--n-layer", "1", "--n-head", "2",
                "--n-embd", "32", "--block-size", "32", "--batch-size", "2", "--vocab-size", "300",
-               "--eval-blocks", "2", "--threads", "1", "--variants", "gpt2", "modern", "ablation:recipe=modern,qk_norm=true"]
+               "--eval-blocks", "2", "--threads", "1", "--variants", "gpt2", "modern", "ablation:recipe=modern,qk_norm=true",
+               "short:recipe=modern,minutes=0.01,batch_size=3,vocab_size=320"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("command: PYTHONPATH=. python bench/recipe.py --corpus")
     assert "time to reach gpt2's final held-out bits per byte" in out
-    for name in ("gpt2", "modern", "ablation"):
+    for name in ("gpt2", "modern", "ablation", "short"):
         assert f"{name}:" in out
+    # A variant's own time, batch and vocabulary: its own data, and it stops at its own budget.
+    assert "data, vocab 320: train" in out and "data, vocab 300: train" in out
+    assert "short: " in out and "{'minutes': 0.01, 'batch_size': 3, 'vocab_size': 320}" in out
+    short_times = [float(line.split()[1]) for line in out.splitlines() if line.strip().startswith("short ")]
+    gpt2_times = [float(line.split()[1]) for line in out.splitlines() if line.strip().startswith("gpt2 ")]
+    assert short_times and max(short_times) < 0.6 * max(gpt2_times), (short_times, gpt2_times)
 
 
 @pytest.mark.slow
@@ -74,3 +81,17 @@ def test_gpu_check_dry_run(tmp_path) -> None:
     assert checks["use"]["figures"]["export/gguf"]["exit"] == 0
     assert checks["throughput"]["figures"]["bf16 b4x2"]["tokens_per_sec"] > 0
     assert "| resume | ok |" in (tmp_path / "results" / "gpu_check_dry_run.md").read_text()
+
+
+def test_recipe_speed_benchmark_smoke_run() -> None:
+    """bench/recipe_speed.py times every variant it names and prints the command (figures not checked)."""
+    command = [sys.executable, str(REPO / "bench" / "recipe_speed.py"), "--n-layer", "1", "--n-head", "2",
+               "--n-embd", "32", "--block-size", "16", "--batch-size", "2", "--vocab-size", "64", "--rounds", "1",
+               "--steps", "1", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("command: PYTHONPATH=. python bench/recipe_speed.py --n-layer 1")
+    timed = [line for line in out.splitlines() if "ms/step" in line]
+    assert len(timed) == 7 and all("x gpt2" in line for line in timed)
+    assert sum("that part costs" in line for line in timed) == 5

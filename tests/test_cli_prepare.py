@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from process_env import child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def azgpt(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "azgpt.cli", "prepare", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

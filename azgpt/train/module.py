@@ -21,7 +21,7 @@ from azgpt.targets import PAD_TARGET
 from azgpt.errors import AzGPTError
 from azgpt.model import GPT, GPTConfig
 from azgpt.train.muon import Muon, MuonWithAdamW, hidden_matrices
-from azgpt.train.optim import OPTIMIZERS, RECIPE_OPTIMIZERS, OptimConfig
+from azgpt.train.optim import RECIPE_OPTIMIZERS, OptimConfig
 from azgpt.train.numerics import UpdateGuard
 from azgpt.data.tokenizer import bits_per_byte, token_byte_lengths, tokenizer_from_json, tokenizer_sha256
 

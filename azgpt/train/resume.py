@@ -15,7 +15,6 @@ import os
 import random
 import re
 import socket
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json as json_lib
 import math
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from tokenizers import Tokenizer
 
 from azgpt import __version__

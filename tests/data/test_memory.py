@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from process_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 # README: "a 35 MB file with no line break peaks at about 150 MB of RAM" (measured 136 MiB on Linux x86-64,
@@ -40,7 +40,7 @@ def test_prepare_of_a_35mb_single_line_file_peaks_near_150mb(tmp_path: Path) -> 
                    "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))); sys.exit(code)")
     command = [sys.executable, "-c", run_prepare, "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
                "--vocab_size", "1024"]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+    done = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, errors="replace")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-2000:]

@@ -16,6 +16,7 @@ from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.data.prepare import PrepareConfig, prepare
 from azgpt.errors import AzGPTError
 from mount_helpers import tmpfs
+from process_env import child_env
 
 OUTPUT_FILES = {"train.npy", "val.npy", "tokenizer.json", "meta.json"}
 DOCS = [f"Sənəd {i}: Bakıda payız günləri {i * 7} dərəcə isti olur, küləklər əsir və dəniz dalğalanır." for i in range(60)]
@@ -106,7 +107,7 @@ def test_two_prepares_at_once_leave_one_consistent_folder(tmp_path: Path) -> Non
 
     first, second = write_corpus(tmp_path / "a.txt", DOCS * 40), write_corpus(tmp_path / "b.txt", DOCS * 25)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = child_env()
     runs = [subprocess.Popen([sys.executable, "-m", "azgpt.cli", "prepare", "--corpus", str(c), "--out", str(out),
                               "--vocab_size", "300", "--block_size", "8", "--overwrite"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in (first, second)]

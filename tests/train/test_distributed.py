@@ -25,6 +25,7 @@ import torch
 
 from azgpt.cli import main as azgpt_main
 from azgpt.data.loading import block_offsets
+from process_env import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def run_cli(workdir: Path, args: list[str], *, devices: int, torchrun: bool = Fa
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}"]
                 if torchrun else [sys.executable])
     command = [*launcher, "-m", "azgpt.cli", *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

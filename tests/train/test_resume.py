@@ -23,7 +23,8 @@ import torch
 from azgpt.train.resume import AtomicCheckpointIO, NonFiniteWeightsError, load_checkpoint_file
 from azgpt.cli import main
 from azgpt.data.prepare import PrepareConfig, prepare
-from resume_helpers import MAX_STEPS, read_final, read_losses, subprocess_env, write_config
+from process_env import child_env
+from resume_helpers import MAX_STEPS, read_final, read_losses, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -123,7 +124,7 @@ def test_two_interruptions_sigterm_then_sigint_in_real_processes(tmp_path, data_
     uninterrupted run's losses, weights and optimizer state (dropout 0.1)."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "azgpt.cli", "fit", "--config"]
-    env = subprocess_env()
+    env = child_env()
 
     first = subprocess.run([*command, str(write_config(run, data_dir, extra_callbacks=signal_callback(
         "SIGTERM", 2, 2)))], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -262,7 +263,7 @@ def test_kill_9_of_a_training_run_then_resume(tmp_path, data_dir, reference) -> 
     bitwise."""
     run = tmp_path / "run"
     stall = [{"class_path": "resume_helpers.Stall", "init_args": {"step": 5}}]
-    env = subprocess_env()
+    env = child_env()
     env["TMPDIR"] = str(_other_filesystem(tmp_path) or tmp_path)
     config = write_config(run, data_dir, every_step_checkpoint=True, extra_callbacks=stall)
     child = subprocess.Popen([sys.executable, "-m", "azgpt.cli", "fit", "--config", str(config)], env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from azgpt.errors import AzGPTError
 from azgpt.train.finetune import AzGPTFinetune
 from azgpt.use.chat import BASE_MODEL_NOTE, ChatSession, run_repl
 from azgpt.sampling import Generator, Sampling
+from process_env import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +97,7 @@ def test_a_base_model_continues_text_and_says_so_once(tiny_run) -> None:
         [sys.executable, "-m", "azgpt.cli", "chat", "--ckpt", str(tiny_run.ckpt), "--temperature", "0",
          "--max_new_tokens", "4", "--device", "cpu"],
         input="Salam\nBakı\n", capture_output=True, text=True, encoding="utf-8", cwd=REPO_ROOT, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env=child_env(),
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(BASE_MODEL_NOTE) == 1

@@ -3,7 +3,6 @@ not send such a thing)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,9 +21,9 @@ from serve_helpers import running_server, template_model  # noqa: E402
 from azgpt.data.chat import Message  # noqa: E402
 from azgpt.sampling import StreamStats  # noqa: E402
 from azgpt.use.chat import BASE_MODEL_NOTE  # noqa: E402
-from azgpt.use.serve_api import Limits, parse_chat  # noqa: E402
 from azgpt.use.serve_engine import Engine  # noqa: E402
 from azgpt.use.served_model import ServedModel  # noqa: E402
+from process_env import child_env  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 QUESTION = "Salam! Azərbaycanın paytaxtı haradır?"
@@ -315,7 +314,7 @@ def test_the_throughput_benchmark_runs_end_to_end(tiny_run) -> None:
     repo = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, str(repo / "bench" / "serve_throughput.py"), "--ckpt", str(tiny_run.ckpt),
                              "--clients", "1,2", "--requests", "1", "--max-tokens", "4", "--threads", "1"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+                            capture_output=True, text=True, timeout=300, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("command: PYTHONPATH=. python bench/serve_throughput.py --ckpt")

@@ -16,6 +16,7 @@ import torch
 from azgpt.cli import main
 from azgpt.use.export import EXPORTED_FILES
 from mount_helpers import tmpfs
+from process_env import child_env
 
 
 def strict_json(text: str) -> object:
@@ -51,7 +52,7 @@ def test_chat_keeps_the_session_past_the_largest_seed_and_a_line_of_bad_bytes(ti
         [sys.executable, "-m", "azgpt.cli", "chat", "--ckpt", str(tiny_run.ckpt), "--seed", str(2**64 - 1),
          "--max_new_tokens", "3", "--device", "cpu"],
         input=b"Salam\n\xff\xfe pis\nBak\xc4\xb1\n", capture_output=True, cwd=REPO_ROOT, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": ""},
+        env=child_env(LC_ALL="C.UTF-8", PYTHONIOENCODING=""),
     )
     err = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 0, err
@@ -99,7 +100,7 @@ def test_sigterm_while_a_folder_is_written_leaves_no_partial_folder(tmp_path: Pa
               "    print('writing', flush=True)\n"
               "    time.sleep(60)\n")
     process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE,
-                               cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                               cwd=REPO_ROOT, env=child_env())
     assert process.stdout.readline() == b"writing\n"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 143
