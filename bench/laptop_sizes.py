@@ -52,15 +52,19 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return n_layer, n_embd // 64, n_embd
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=27, help="training time of every fit (its --budget)")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=["2x128", "3x192", "4x256"],
-                        help="LAYERSxWIDTH, heads of width 64")
+    parser.add_argument("--sizes", nargs="+", type=parse_size, help="LAYERSxWIDTH, heads of width 64",
+                        default=[parse_size(size) for size in ("2x128", "3x192", "4x256")])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1], help="one fit per size and seed")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shared-az")
     parser.add_argument("--work", type=Path, default=None, help="where the runs' logs go (default: a temp folder)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     print("command: PYTHONPATH=. python bench/laptop_sizes.py " + shlex.join(sys.argv[1:]), flush=True)
     tune_malloc()
     laptop = yaml.safe_load((ROOT / "configs" / "laptop.yaml").read_text())

@@ -95,3 +95,16 @@ def test_recipe_speed_benchmark_smoke_run() -> None:
     timed = [line for line in out.splitlines() if "ms/step" in line]
     assert len(timed) == 7 and all("x gpt2" in line for line in timed)
     assert sum("that part costs" in line for line in timed) == 5
+
+
+def test_laptop_sizes_reads_its_default_sizes_and_given_ones_alike() -> None:
+    """bench/laptop_sizes.py's sizes, defaulted or given, are (layers, heads, width): argparse converts a list
+    default with no ``type``, which once broke a run with the default sizes after preparing the data."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("laptop_sizes", REPO / "bench" / "laptop_sizes.py")
+    laptop_sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(laptop_sizes)
+    assert laptop_sizes.parse_args([]).sizes == [(2, 2, 128), (3, 3, 192), (4, 4, 256)]
+    assert laptop_sizes.parse_args(["--sizes", "3x192", "1x64"]).sizes == [(3, 3, 192), (1, 1, 64)]
+    assert laptop_sizes.parse_args([]).minutes == 27
