@@ -10,6 +10,11 @@ from pathlib import Path
 # The suite checks behaviour on the CPU on every machine, a GPU one included (its expected values, precisions
 # and devices are the CPU's); bench/gpu_check.py is what checks the CUDA path. Set before torch looks for one.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Under pytest-xdist each worker (and the azgpt processes it starts) gets its share of the cores: torch takes them
+# all in every process otherwise, and 15 workers x 16 threads on a 16-core machine ran tests into their timeouts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ def test_throughput_benchmark_smoke_run(tmp_path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert out.startswith("command: PYTHONPATH=. python bench/train_throughput.py --random-tokens")
+    threads = os.environ.get("OMP_NUM_THREADS")  # set under pytest-xdist (conftest): the command says so
+    assert out.startswith(f"command: {f'OMP_NUM_THREADS={threads} ' if threads else ''}PYTHONPATH=. python "
+                          "bench/train_throughput.py --random-tokens")
     assert "data: RANDOM tokens (--random-tokens)" in out
     for line in ("azgpt fit ", "plain loop ", "fit / plain:", "validation: full pass"):
         assert line in out
