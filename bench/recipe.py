@@ -92,6 +92,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     for item in spec.split(","):
         key, _, value = item.partition("=")
         settings[key.strip()] = yaml.safe_load(value)
+    for key in BENCH_KEYS:
+        value = settings.get(key)
+        wanted = float if key == "minutes" else int
+        if key in settings and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                                or (wanted is int and value != int(value))):
+            raise SystemExit(f"recipe.py: variant {name!r}: {key} must be a positive "
+                             f"{'number' if wanted is float else 'whole number'}, got {value!r}")
     return name, settings
 
 
@@ -236,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     print("command: PYTHONPATH=. python bench/recipe.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
+    variants = [parse_variant(text) for text in args.variants]  # a bad variant fails before any data is prepared
     datas = {args.vocab_size: load_data(args, args.vocab_size)}
-    runs = [build_run(*parse_variant(text), args, datas) for text in args.variants]
+    runs = [build_run(name, settings, args, datas) for name, settings in variants]
     for vocab_size, data in datas.items():
         print(f"data, vocab {vocab_size}: train {', '.join(TRAIN_SOURCES)}: {len(data.train):,} tokens; held out "
               f"{', '.join(HELD_OUT_SOURCES)}: {len(data.held_out):,} tokens, {args.eval_blocks} blocks measured")

@@ -111,3 +111,20 @@ def test_laptop_sizes_reads_its_default_sizes_and_given_ones_alike() -> None:
     assert laptop_sizes.parse_args([]).sizes == [(2, 2, 128), (3, 3, 192), (4, 4, 256)]
     assert laptop_sizes.parse_args(["--sizes", "3x192", "1x64"]).sizes == [(3, 3, 192), (1, 1, 64)]
     assert laptop_sizes.parse_args([]).minutes == 27
+
+
+@pytest.mark.parametrize("setting, message", [("minutes=0", "minutes must be a positive number, got 0"),
+                                              ("batch_size=2.5", "batch_size must be a positive whole number, got 2.5"),
+                                              ("vocab_size=big", "vocab_size must be a positive whole number, got 'big'")])
+def test_recipe_benchmark_refuses_a_bad_variant_setting_before_preparing_data(tmp_path, setting, message) -> None:
+    """A variant's own minutes, batch or vocabulary that cannot work ends in one line, before any data is made."""
+    corpus = tmp_path / "corpus"  # the names recipe.py looks for, empty: preparing them would fail otherwise
+    corpus.mkdir()
+    for name in ("web", "legal", "quran", "social", "wiki", "poetry"):
+        (corpus / f"{name}.txt.gz").write_bytes(b"")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "recipe.py"), "--corpus", str(corpus),
+                             "--cache-dir", str(tmp_path / "cache"), "--variants", "gpt2", f"bad:{setting}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"recipe.py: variant 'bad': {message}"]
+    assert not (tmp_path / "cache").exists()
