@@ -21,6 +21,9 @@ class OptimConfig:
         muon_momentum: Muon's momentum.
         muon_warmup_steps: Muon's own linear warmup; it then follows the same schedule as AdamW.
         learning_rate: peak AdamW learning rate, reached after ``warmup_steps`` optimizer steps.
+        embedding_lr: the token embedding's own peak AdamW rate (None: ``learning_rate``). Each row only gets a
+            gradient where its token occurs, so it learns slowly at the rate that suits the matrices; its weight
+            decay is scaled so that it shrinks per step as much as the other weights.
         min_lr_ratio: the schedule ends at ``learning_rate * min_lr_ratio``.
         warmup_steps: linear warmup length in optimizer steps.
         decay_steps: optimizer step where the schedule reaches its floor (None: ``trainer.max_steps``; must be
@@ -41,6 +44,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_warmup_steps: int = 0
     learning_rate: float = 6e-4
+    embedding_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     decay_steps: int | None = None
@@ -58,6 +62,8 @@ class OptimConfig:
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"model: need learning_rate > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0; got "
                              f"{self.learning_rate}, {self.min_lr_ratio}, {self.warmup_steps}")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            raise ValueError(f"model.embedding_lr must be > 0 or null (learning_rate), got {self.embedding_lr!r}")
         if self.lr_schedule not in (None, "cosine", "wsd"):
             raise ValueError(f"model.lr_schedule must be cosine, wsd or null, got {self.lr_schedule!r}")
         if self.cooldown_shape not in ("linear", "1-sqrt") or not 0 <= self.cooldown_fraction <= 1:

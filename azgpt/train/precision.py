@@ -108,3 +108,8 @@ def _gflops(flops: float) -> str:
     """GFLOP/s for the log: whole numbers, two digits below 10 (emulated bf16 runs at 0.4)."""
     value = flops / 1e9
     return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (the choice ``resolve_cpu_precision`` makes and caches)."""
+    return resolve_cpu_precision("16-mixed").precision == "bf16-mixed"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from azgpt.errors import AzGPTError
 from azgpt.train.module import AzGPT, adamw_param_groups, build_adamw
 
 
@@ -55,3 +57,38 @@ def test_configure_optimizers_uses_fused_adamw() -> None:
     model._trainer = type("T", (), {"max_steps": 10})()
     optimizer = model.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"]
+
+
+def test_embedding_lr_gives_the_token_embedding_its_own_rate_and_the_same_decay_per_step() -> None:
+    module = AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, recipe="modern",
+                   learning_rate=1e-3, weight_decay=0.1, embedding_lr=0.05)
+    optimizer, warmups = module.build_optimizer()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    embedding = groups["embedding"]
+    assert embedding["params"] == [module.model.transformer.wte.weight]
+    assert embedding["lr"] == 0.05
+    assert embedding["lr"] * embedding["weight_decay"] == pytest.approx(1e-3 * 0.1)  # same shrink per step
+    others = [p for name, g in groups.items() if name != "embedding" for p in g["params"]]
+    assert all(p is not module.model.transformer.wte.weight for p in others)
+    assert len(others) + 1 == len(list(module.parameters())) and len(warmups) == len(optimizer.param_groups)
+    assert "embedding" not in {g["name"] for g in tiny().build_optimizer()[0].param_groups}  # None: one rate
+
+
+def test_embedding_lr_follows_the_schedule_from_its_own_peak() -> None:
+    module = AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, embedding_lr=0.05,
+                   learning_rate=1e-3, warmup_steps=2, lr_schedule="wsd", min_lr_ratio=0.1)
+    module._trainer = type("T", (), {"max_steps": 10})()
+    scheduled = module.configure_optimizers()
+    optimizer, schedule = scheduled["optimizer"], scheduled["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(10):
+        rates.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        schedule.step()
+    assert rates[1]["embedding"] == pytest.approx(0.05) and rates[1]["decay"] == pytest.approx(1e-3)
+    assert rates[9]["embedding"] == pytest.approx(0.005) and rates[9]["decay"] == pytest.approx(1e-4)
+
+
+def test_embedding_lr_must_be_positive() -> None:
+    with pytest.raises(AzGPTError, match="embedding_lr"):
+        AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, embedding_lr=0.0)
