@@ -12,13 +12,14 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from azgpt.argv import list_flags, list_parameters
 from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.resume import checkpoint_folders, resolve_checkpoint
 from azgpt.train.loggers import run_dir
-from azgpt.train.module import AzGPT, check_same_architecture, with_recipe
+from azgpt.train.module import AzGPT, changed_training_settings, check_same_architecture, with_recipe
 from azgpt.train.time_budget import TimeBudget, parse_budget
 from azgpt.train.trainer import choose_precision, with_azgpt_defaults
 
@@ -120,7 +121,12 @@ class AzGPTCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         asked_for = getattr(self, "_model_asked_for", None)
         if asked_for is not None:  # refuse rather than silently drop an architecture the user asked for
-            check_same_architecture(with_recipe(dict(vars(config.model))), with_recipe(asked_for))
+            saved = dict(vars(config.model))
+            check_same_architecture(with_recipe(saved), with_recipe(asked_for))
+            changed = changed_training_settings(saved, asked_for)
+            if changed:  # kept so that the run goes on exactly as it started, but never silently
+                rank_zero_warn(f"azgpt: a resumed run keeps the checkpoint's training settings, so these from the "
+                               f"config or command line are not used: model.{', model.'.join(changed)}")
         trainer = config.trainer
         check_gpu_present(trainer.accelerator, config.get("config") or [])
         trainer.precision = choose_precision(trainer.accelerator, trainer.precision)

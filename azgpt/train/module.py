@@ -137,6 +137,23 @@ def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any],
         raise AzGPTError(f"the checkpoint's architecture differs from the config ({details}): {advice}")
 
 
+# Training settings a checkpoint records as resolved while a config may leave them None (the run's choice then).
+RESOLVED_BY_THE_RUN = ("optimizer", "lr_schedule")
+
+
+def changed_training_settings(saved: dict[str, Any], configured: dict[str, Any]) -> list[str]:
+    """The optimizer, schedule and dropout settings ``configured`` gives other values than the checkpoint's
+    ``saved``, each as "key value (checkpoint: value)"."""
+    changed = []
+    for key in (*OPTIM_KEYS, "dropout"):
+        if key not in saved or key not in configured or saved[key] == configured[key]:
+            continue
+        if key in RESOLVED_BY_THE_RUN and configured[key] is None:
+            continue
+        changed.append(f"{key} {configured[key]} (checkpoint: {saved[key]})")
+    return changed
+
+
 def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
     """The part of the data's meta.json worth keeping in a checkpoint: sources, normalisation, token counts."""
     summary = {key: meta[key] for key in DATA_SUMMARY_KEYS if key in meta}

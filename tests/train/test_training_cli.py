@@ -107,6 +107,22 @@ def test_checkpoint_with_another_architecture_is_refused(trained_run: Path, prep
     assert code == 2 and "architecture differs" in err and "n_embd" in err
 
 
+def test_resuming_with_other_training_settings_says_the_checkpoints_are_kept(
+        trained_run: Path, prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    args = tiny_fit_args(prepared_dir, max_steps=8, **{"--model.learning_rate": 0.05, "--model.embedding_lr": 0.2})
+    with pytest.warns(UserWarning, match="keeps the checkpoint's training settings") as caught:
+        code, _ = run(args + ["--ckpt_path", str(ckpt)], capsys)
+    message = next(str(w.message) for w in caught if "training settings" in str(w.message))
+    assert code == 0
+    assert f"model.learning_rate 0.05 (checkpoint: {saved['learning_rate']})" in message
+    assert "model.embedding_lr 0.2 (checkpoint: None)" in message
+    assert "warmup_steps" not in message  # the same as the checkpoint's: not named
+
+
 def test_resuming_a_finished_run_does_not_report_zero_steps(trained_run: Path, prepared_dir: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
