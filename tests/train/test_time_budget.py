@@ -262,3 +262,15 @@ def test_budget_errors_are_one_line_naming_the_option(data_dir, tmp_path, capsys
     assert main(["fit", "--config", str(config), "--budget", "1min"]) == 2  # write_config sets decay_steps 8
     err = capsys.readouterr().err.strip()
     assert "model.decay_steps" in err and "--budget" in err and len(err.splitlines()) == 1
+
+
+def test_early_stopping_is_off_with_a_budget(data_dir, tmp_path, monkeypatch, caplog) -> None:
+    """With a budget the rate stays at its peak until the cooldown, where val_loss falls most: a plateau there
+    must not end the run (early_stopping 3 ended laptop.yaml's 30 minutes at 58%, before its cooldown)."""
+    run = tmp_path / "patient"
+    with caplog.at_level("INFO"):
+        assert fit_on_fake_clock(monkeypatch, budget_config(run, data_dir), "--budget", "40s",
+                                 "--early_stopping", "1") == 0
+    assert "early_stopping 1 is off" in caplog.text
+    callbacks = torch.load(next(run.glob("lightning_logs/*/checkpoints/last.ckpt")), weights_only=True)["callbacks"]
+    assert "TimeBudget" in callbacks and not any(name.startswith("EarlyStopping") for name in callbacks)
