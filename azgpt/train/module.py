@@ -470,6 +470,14 @@ class AzGPT(L.LightningModule):
         if max_steps is not None and 0 < max_steps <= step:
             raise AzGPTError(f"the checkpoint is already at step {step} and trainer.max_steps is {max_steps}: "
                              f"raise trainer.max_steps to train further")
+        saved_rate = stored.get("embedding_lr")  # absent: written before the setting, so no group of its own
+        if (saved_rate is None) != (self.hparams.embedding_lr is None):
+            saved_text, asked_text = ("null" if rate is None else rate
+                                      for rate in (saved_rate, self.hparams.embedding_lr))
+            raise AzGPTError(f"the checkpoint was trained with model.embedding_lr {saved_text} and this run has "
+                             f"{asked_text}: its optimizer state does not fit (the embedding has a param group of "
+                             f"its own only with a rate); resume with model.embedding_lr {saved_text} or start a "
+                             f"new run")
         self._rng_to_restore = carried.get("rng")
         if carried.get("micro_batch"):
             rank_zero_warn(f"azgpt: this checkpoint was written in the middle of an optimizer step (micro-batch "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,8 +63,9 @@ class OptimConfig:
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"model: need learning_rate > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0; got "
                              f"{self.learning_rate}, {self.min_lr_ratio}, {self.warmup_steps}")
-        if self.embedding_lr is not None and not self.embedding_lr > 0:
-            raise ValueError(f"model.embedding_lr must be > 0 or null (learning_rate), got {self.embedding_lr!r}")
+        if self.embedding_lr is not None and not 0 < self.embedding_lr < math.inf:
+            raise ValueError(f"model.embedding_lr must be a finite number > 0 or null (learning_rate), got "
+                             f"{self.embedding_lr!r}")
         if self.lr_schedule not in (None, "cosine", "wsd"):
             raise ValueError(f"model.lr_schedule must be cosine, wsd or null, got {self.lr_schedule!r}")
         if self.cooldown_shape not in ("linear", "1-sqrt") or not 0 <= self.cooldown_fraction <= 1:

@@ -89,6 +89,7 @@ def test_embedding_lr_follows_the_schedule_from_its_own_peak() -> None:
     assert rates[9]["embedding"] == pytest.approx(0.005) and rates[9]["decay"] == pytest.approx(1e-4)
 
 
-def test_embedding_lr_must_be_positive() -> None:
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("inf"), float("nan")])
+def test_embedding_lr_must_be_finite_and_positive(rate: float) -> None:
     with pytest.raises(AzGPTError, match="embedding_lr"):
-        AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, embedding_lr=0.0)
+        AzGPT(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=16, embedding_lr=rate)

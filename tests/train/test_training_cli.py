@@ -123,6 +123,21 @@ def test_resuming_with_other_training_settings_says_the_checkpoints_are_kept(
     assert "warmup_steps" not in message  # the same as the checkpoint's: not named
 
 
+def test_resuming_an_older_checkpoint_with_an_embedding_rate_is_refused_in_one_line(
+        trained_run: Path, prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint from before model.embedding_lr has no key for it, so LightningCLI keeps the command line's
+    rate, and the optimizer state (no group for the embedding) cannot be loaded into the optimizer built."""
+    monkeypatch.chdir(tmp_path)
+    raw = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    del raw["hyper_parameters"]["embedding_lr"]
+    older = tmp_path / "older.ckpt"
+    torch.save(raw, older)
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=8, **{"--model.embedding_lr": 0.2})
+                    + ["--ckpt_path", str(older)], capsys)
+    assert code == 2 and "model.embedding_lr null and this run has 0.2" in err and "Traceback" not in err
+
+
 def test_resuming_a_finished_run_does_not_report_zero_steps(trained_run: Path, prepared_dir: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
