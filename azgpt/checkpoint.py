@@ -37,7 +37,7 @@ ARCHITECTURE_KEYS = tuple(key for key in CONFIG_KEYS if key != "dropout")
 LEGACY_DEFAULTS = {"activation": "gelu_tanh",
                    **{f.name: f.default for f in fields(GPTConfig)
                       if f.name in ("position", "rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings",
-                                    "zero_init", "logit_softcap")}}
+                                    "zero_init", "logit_softcap", "embedding_norm")}}
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"  # how torch's safe unpickler begins its refusal
 

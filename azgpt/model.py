@@ -6,8 +6,9 @@ so that the weights can be exported later. Generation supports a simple KV cache
 Each option of GPTConfig changes one thing and defaults to GPT-2's choice: rotary position embeddings instead of
 a learned table (``position``), RMSNorm instead of LayerNorm (``norm``), normalised queries and keys (``qk_norm``),
 a squared-ReLU or SwiGLU feed-forward network (``mlp``), a head separate from the token embedding
-(``tie_embeddings``), residual projections that start at zero (``zero_init``) and tanh-capped logits
-(``logit_softcap``). ``RECIPES`` names the combinations.
+(``tie_embeddings``), residual projections that start at zero (``zero_init``), tanh-capped logits
+(``logit_softcap``) and token embeddings normalised before the blocks (``embedding_norm``). ``RECIPES`` names the
+combinations.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class GPTConfig:
         tie_embeddings: the output head shares the token embedding's weights.
         zero_init: residual output projections (and an untied head) start at zero.
         logit_softcap: > 0: logits = cap * tanh(logits / cap); 0: off.
+        embedding_norm: RMS-normalise each token's embedding (no gain) before the blocks. Its scale then cannot
+            grow and drown what the blocks add to the residual stream, and its rows learn as fast as their
+            direction allows. It acts on each row alone, so an untied model exports it folded into the table.
     """
 
     vocab_size: int = 8192
@@ -80,6 +84,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     zero_init: bool = False
     logit_softcap: float = 0.0
+    embedding_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -329,6 +334,11 @@ class GPT(nn.Module):
             n -= sum(layer.weight.numel() for name, layer in self.transformer.items() if name in ("wte", "wpe"))
         return n
 
+    @staticmethod
+    def normalise_embedding(rows: Tensor) -> Tensor:
+        """Token embedding rows as ``embedding_norm`` feeds them to the blocks: RMS-normalised, no gain."""
+        return F.rms_norm(rows, (rows.size(-1),), eps=NORM_EPS)
+
     def use_activation(self, name: str) -> None:
         """Switch every GELU MLP to activation ``name`` (GELU has no weights, so trained weights stay valid)."""
         self.config = replace(self.config, activation=name)
@@ -365,6 +375,8 @@ class GPT(nn.Module):
         start = 0 if cache is None else cache.pos
         T = idx.size(1)
         x = self.transformer.wte(idx)
+        if self.config.embedding_norm:
+            x = self.normalise_embedding(x)
         rope = None
         if self.config.position == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))

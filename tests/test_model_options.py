@@ -1,4 +1,5 @@
-"""GPTConfig's options beyond GPT-2 (RoPE, RMSNorm, QK-norm, ReLU²/SwiGLU, untied head, zero init, soft-cap)."""
+"""GPTConfig's options beyond GPT-2 (RoPE, RMSNorm, QK-norm, ReLU²/SwiGLU, untied head, zero init, soft-cap,
+normalised token embeddings)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ OPTIONS = [
     {"tie_embeddings": False},
     {"zero_init": True},
     {"logit_softcap": 15.0},
+    {"embedding_norm": True},
     {"bias": True, "norm": "rmsnorm", "mlp": "swiglu", "position": "rope"},
     RECIPES["modern"],
     {**RECIPES["modern"], "qk_norm": True, "logit_softcap": 15.0},
@@ -115,3 +117,21 @@ def test_swiglu_holds_about_as_many_weights_as_the_gelu_mlp() -> None:
     swiglu = GPT(GPTConfig(**wide, mlp="swiglu")).transformer.h[0].mlp
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert abs(n(swiglu) - n(gelu)) / n(gelu) < 0.02
+
+
+def test_embedding_norm_feeds_the_blocks_rows_of_rms_one_whatever_the_embeddings_scale() -> None:
+    """With embedding_norm the blocks see each token's direction only: scaling rows changes no logit (untied head),
+    where without it the same scaling does (the embedding's size competes with what the blocks add)."""
+    idx = torch.randint(0, 100, (2, 8))
+    scale = torch.rand(GPTConfig(**SMALL).padded_vocab_size, 1) * 20 + 0.5
+    for normalised in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**SMALL, tie_embeddings=False, embedding_norm=normalised)).eval()
+        with torch.no_grad():
+            model.transformer.wte.weight.normal_()  # rows of RMS about 1, where the norm's eps is negligible
+            before = model(idx)[0]
+            model.transformer.wte.weight.mul_(scale)
+            after = model(idx)[0]
+        assert torch.allclose(before, after, atol=1e-4) == normalised, normalised
+    rows = torch.randn(5, 32) * 7
+    torch.testing.assert_close(GPT.normalise_embedding(rows).pow(2).mean(-1), torch.ones(5), atol=1e-4, rtol=0)

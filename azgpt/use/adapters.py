@@ -5,8 +5,10 @@ GPT-2's recipe maps onto GPT2LMHeadModel (Conv1D layouts, so the linear weights 
 model is Llama exactly: rotary embeddings (half-split pairs, as azgpt computes them), RMSNorm before
 attention and MLP, a SwiGLU MLP, no position table, a head tied or not. azgpt's fused ``c_attn`` splits into
 ``q_proj``, ``k_proj``, ``v_proj``, and ``c_fc`` (gate then up) into ``gate_proj`` and ``up_proj``; nn.Linear
-layouts need no transpose. QK-norm and logit soft-capping have no Llama equivalent, so models using them are
-refused rather than exported with different logits.
+layouts need no transpose. A normalised token embedding (``embedding_norm``) acts on each row alone, so the
+exported table holds the normalised rows; with a tied head the head would need the raw ones, so GPT-2 (always
+tied) and a tied Llama cannot express it. QK-norm and logit soft-capping have no Llama equivalent. Models that
+neither class expresses are refused rather than exported with different logits.
 """
 
 from __future__ import annotations
@@ -55,16 +57,21 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 # What each Hugging Face class can express: the GPTConfig settings it needs.
 GPT2_NEEDS = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0,
-              "tie_embeddings": True}
+              "tie_embeddings": True, "embedding_norm": False}
 LLAMA_NEEDS = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0}
+
+
+def llama_needs(config: GPTConfig) -> dict[str, Any]:
+    """LLAMA_NEEDS, and for a normalised embedding (folded into the table) an untied head."""
+    return {**LLAMA_NEEDS, "tie_embeddings": False} if config.embedding_norm else LLAMA_NEEDS
 
 
 def hf_architecture(config: GPTConfig) -> str:
     """``GPT2LMHeadModel`` or ``LlamaForCausalLM``: the Hugging Face class that computes what ``config`` does."""
-    for name, needs in (("GPT2LMHeadModel", GPT2_NEEDS), ("LlamaForCausalLM", LLAMA_NEEDS)):
+    for name, needs in (("GPT2LMHeadModel", GPT2_NEEDS), ("LlamaForCausalLM", llama_needs(config))):
         if all(getattr(config, key) == value for key, value in needs.items()):
             return name
-    closest = LLAMA_NEEDS if config.position == "rope" else GPT2_NEEDS
+    closest = llama_needs(config) if config.position == "rope" else GPT2_NEEDS
     differ = ", ".join(f"{key} {getattr(config, key)!r} (needs {value!r})" for key, value in closest.items()
                        if getattr(config, key) != value)
     raise AzGPTError(f"this model cannot be exported to Hugging Face: neither GPT-2 nor Llama computes what it does "
@@ -72,11 +79,15 @@ def hf_architecture(config: GPTConfig) -> str:
 
 
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """``model``'s weights under LlamaForCausalLM's names, embedding and head cut to the tokenizer's vocab_size."""
+    """``model``'s weights under LlamaForCausalLM's names, embedding and head cut to the tokenizer's vocab_size
+    (and the embedding's rows normalised, where the model normalises them)."""
     cfg = model.config
     C, V = cfg.n_embd, cfg.vocab_size
     source = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
-    out = {"model.embed_tokens.weight": source["transformer.wte.weight"][:V],
+    embedding = source["transformer.wte.weight"][:V]
+    if cfg.embedding_norm:
+        embedding = model.normalise_embedding(embedding)
+    out = {"model.embed_tokens.weight": embedding,
            "model.norm.weight": source["transformer.ln_f.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = source["lm_head.weight"][:V]

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ def random_modern(vocab_size: int, **overrides) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": True}], ids=["plain", "bias", "tied"])
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": True}, {"embedding_norm": True}],
+                         ids=["plain", "bias", "tied", "embedding-norm"])
 def test_llama_export_has_the_same_logits_and_greedy_text(tiny_run, tmp_path: Path, transformers, overrides) -> None:
     tokenizer = load_checkpoint(tiny_run.ckpt).tokenizer
     model = random_modern(tokenizer.get_vocab_size(), **overrides)
@@ -69,6 +71,7 @@ def test_llama_export_has_the_same_logits_and_greedy_text(tiny_run, tmp_path: Pa
     ({"logit_softcap": 15.0}, "logit_softcap 15.0"),
     ({"mlp": "relu2"}, "mlp 'relu2'"),
     ({"position": "learned"}, "tie_embeddings False"),
+    ({"tie_embeddings": True, "embedding_norm": True}, "tie_embeddings True \\(needs False\\)"),  # raw rows
 ])
 def test_what_neither_gpt2_nor_llama_computes_is_refused(tmp_path: Path, overrides, message) -> None:
     model = random_modern(300, **overrides)
@@ -111,7 +114,8 @@ def test_export_verb_writes_a_llama_folder_for_a_modern_checkpoint(tmp_path: Pat
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}], ids=["untied", "tied"])
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"embedding_norm": True}],
+                         ids=["untied", "tied", "embedding-norm"])
 def test_llama_gguf_loads_in_transformers_with_the_same_logits(tiny_run, tmp_path: Path, transformers,
                                                               outtype: str, overrides) -> None:
     """transformers' GGUF reader undoes llama.cpp's rotary row order itself, so equal logits check the reorder."""
@@ -145,6 +149,9 @@ def test_llama_gguf_loads_in_transformers_with_the_same_logits(tiny_run, tmp_pat
     qtype = gguf.GGMLQuantizationType[outtype.upper()]
     rounded = copy.deepcopy(model)
     with torch.no_grad():
+        if model.config.embedding_norm:  # the file holds the normalised rows (folded): round those
+            rounded.transformer.wte.weight.copy_(model.normalise_embedding(model.transformer.wte.weight))
+            rounded.config = replace(model.config, embedding_norm=False)
         for param in rounded.parameters():
             if param.dim() == 2:
                 decoded = gguf.quants.dequantize(gguf.quants.quantize(param.numpy(), qtype), qtype)

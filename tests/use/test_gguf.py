@@ -377,11 +377,11 @@ def llama_cpp_generate(path: Path, context_size: int, new_tokens: int) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def random_modern(vocab_size: int, block_size: int) -> GPT:
+def random_modern(vocab_size: int, block_size: int, embedding_norm: bool = False) -> GPT:
     """A modern-recipe (llama in llama.cpp) model with random weights everywhere, zero_init off."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32,
-                       **{**RECIPES["modern"], "zero_init": False})
+                       **{**RECIPES["modern"], "zero_init": False}, embedding_norm=embedding_norm)
     return GPT(config).eval()
 
 
@@ -403,9 +403,11 @@ def test_llama_cpp_generates_past_a_gpt2_models_context(exports, checkpoint, con
     assert ran["tokens"][:inside] == ours
 
 
-def test_llama_cpp_generates_past_a_llama_models_context(checkpoint, tmp_path: Path) -> None:
-    """A modern-recipe export has no position table: rotary positions go on past the block in llama.cpp."""
-    model = random_modern(checkpoint.config.vocab_size, block_size=40)
+@pytest.mark.parametrize("embedding_norm", [False, True], ids=["raw-embedding", "embedding-norm"])
+def test_llama_cpp_generates_past_a_llama_models_context(checkpoint, tmp_path: Path, embedding_norm: bool) -> None:
+    """A modern-recipe export has no position table: rotary positions go on past the block in llama.cpp. With
+    embedding_norm the file's table holds the normalised rows, and llama.cpp must still agree."""
+    model = random_modern(checkpoint.config.vocab_size, block_size=40, embedding_norm=embedding_norm)
     path = tmp_path / "modern-f32.gguf"
     write_gguf(model, checkpoint.tokenizer, path, "f32")
     ran = llama_cpp_generate(path, context_size=120, new_tokens=100)
