@@ -89,6 +89,8 @@ def test_recipe_settings_override_and_bad_values_are_refused() -> None:
                          ({"norm": "batchnorm"}, "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
                          ({"mlp": "geglu"}, "mlp must be one of gelu, relu2, swiglu, got 'geglu'"),
                          ({"logit_softcap": -1.0}, "logit_softcap must be >= 0 (0: off), got -1.0"),
+                         ({"embedding_norm": "false"}, "embedding_norm must be true or false, got 'false'"),
+                         ({"qk_norm": 1}, "qk_norm must be true or false, got 1"),
                          ({"position": "rope", "n_embd": 30, "n_head": 2},
                           "position rope needs an even head size, got n_embd / n_head = 15")):
         with pytest.raises(ValueError, match=re.escape(message)):
