@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from azgpt.fast_ops import rms_norm, rotate
 from azgpt.targets import PAD_TARGET
 
 # activation name -> nn.GELU's `approximate` argument
@@ -146,16 +147,16 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tenso
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, n_head, T, head_dim) by the angles of its T positions (cos, sin: (T, head_dim))."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm (its weight, eps and state dict), computed by ``fast_ops.rms_norm``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+        return RMSNorm(config.n_embd, eps=NORM_EPS)
     return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
 
 
@@ -211,9 +212,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),), eps=NORM_EPS), F.rms_norm(k, (k.size(-1),), eps=NORM_EPS)
+            q, k = rms_norm(q, None, NORM_EPS), rms_norm(k, None, NORM_EPS)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = rotate(q, *rope), rotate(k, *rope)
         dropout_p = self.dropout if self.training else 0.0
 
         if kv is None:
@@ -340,7 +341,7 @@ class GPT(nn.Module):
     @staticmethod
     def normalise_embedding(rows: Tensor) -> Tensor:
         """Token embedding rows as ``embedding_norm`` feeds them to the blocks: RMS-normalised, no gain."""
-        return F.rms_norm(rows, (rows.size(-1),), eps=NORM_EPS)
+        return rms_norm(rows, None, NORM_EPS)
 
     def use_activation(self, name: str) -> None:
         """Switch every GELU MLP to activation ``name`` (GELU has no weights, so trained weights stay valid)."""

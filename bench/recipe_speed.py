@@ -5,7 +5,8 @@
 
 Times one full optimizer step (forward, backward, clipping, optimizer) of azgpt's own model and optimizer on random
 tokens, fp32, for GPT-2's recipe, the modern recipe, and the modern recipe with one part set back to GPT-2's
-(AdamW instead of Muon, LayerNorm, the learned position table, the GELU MLP, the tied head). The variants run in
+(AdamW instead of Muon, LayerNorm, the learned position table, the GELU MLP, the tied head), and the modern recipe
+with torch's own RMSNorm and rotary formula in place of azgpt.fast_ops' hand-written ones. The variants run in
 turns, round robin, best of ``--rounds``, so a machine that changes speed hits all alike. ``--profile`` adds
 torch.profiler's table of the operators that take the time, for GPT-2 and modern.
 """
@@ -13,16 +14,20 @@ torch.profiler's table of the operators that take the time, for GPT-2 and modern
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import azgpt.model  # noqa: E402
 from azgpt.runtime import tune_malloc  # noqa: E402
 from azgpt.train.module import AzGPT  # noqa: E402
 
@@ -34,7 +39,32 @@ VARIANTS: dict[str, dict[str, object]] = {
     "modern, learned positions": {"recipe": "modern", "position": "learned"},
     "modern, gelu": {"recipe": "modern", "mlp": "gelu"},
     "modern, tied head": {"recipe": "modern", "tie_embeddings": True},
+    "modern, torch's composites": {"recipe": "modern"},
 }
+TORCH_COMPOSITES = "modern, torch's composites"
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+def torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+@contextlib.contextmanager
+def ops_of(name: str) -> Iterator[None]:
+    """The model's RMSNorm and rotary embeddings as torch computes them, for the variant that measures them."""
+    if name != TORCH_COMPOSITES:
+        yield
+        return
+    saved = azgpt.model.rms_norm, azgpt.model.rotate
+    azgpt.model.rms_norm, azgpt.model.rotate = torch_rms_norm, torch_rotate
+    try:
+        yield
+    finally:
+        azgpt.model.rms_norm, azgpt.model.rotate = saved
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,15 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1))
     runs = {name: build(settings, args) for name, settings in VARIANTS.items()}
-    for model, optimizer in runs.values():
-        for _ in range(2):  # untimed: page faults, first-call set-up
-            step(model, optimizer, tokens)
+    for name, (model, optimizer) in runs.items():
+        with ops_of(name):
+            for _ in range(2):  # untimed: page faults, first-call set-up
+                step(model, optimizer, tokens)
     best = {name: float("inf") for name in runs}
     for _ in range(args.rounds):
         for name, (model, optimizer) in runs.items():
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, optimizer, tokens)
+            with ops_of(name):
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    step(model, optimizer, tokens)
             best[name] = min(best[name], (time.perf_counter() - started) / args.steps)
     print(f"{args.n_layer} layers x {args.n_embd}, {args.batch_size} x {args.block_size} tokens per step, fp32, "
           f"{torch.get_num_threads()} threads; best of {args.rounds} rounds of {args.steps} steps")

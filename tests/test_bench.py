@@ -96,8 +96,8 @@ def test_recipe_speed_benchmark_smoke_run() -> None:
     out = result.stdout
     assert out.startswith("command: PYTHONPATH=. python bench/recipe_speed.py --n-layer 1")
     timed = [line for line in out.splitlines() if "ms/step" in line]
-    assert len(timed) == 7 and all("x gpt2" in line for line in timed)
-    assert sum("that part costs" in line for line in timed) == 5
+    assert len(timed) == 8 and all("x gpt2" in line for line in timed)
+    assert sum("that part costs" in line for line in timed) == 6
 
 
 def test_laptop_sizes_reads_its_default_sizes_and_given_ones_alike() -> None:

@@ -14,7 +14,8 @@ ALLOWED = {
     "runtime": set(),
     "argv": set(),  # list options spelled one way in every verb
     "targets": set(),  # the target id the loss skips, written by the data: below both
-    "model": {"targets"},
+    "fast_ops": set(),  # the model's hand-written RMSNorm and rotary embeddings
+    "model": {"targets", "fast_ops"},
     "data": {"errors", "atomic", "targets"},
     "checkpoint": {"errors", "model", "data"},
     "artifact": {"errors", "atomic", "model", "data", "checkpoint"},  # the model folder, and load_model for both

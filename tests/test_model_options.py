@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from azgpt.model import GPT, RECIPES, GPTConfig, apply_rope, rope_tables
+from azgpt.fast_ops import rotate
+from azgpt.model import GPT, RECIPES, GPTConfig, rope_tables
 
 SMALL = dict(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)
 OPTIONS = [
@@ -67,7 +68,7 @@ def test_rope_scores_depend_on_relative_position_only() -> None:
     cos, sin = rope_tables(8, 32, 10000.0)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     def score(i: int, j: int) -> torch.Tensor:
-        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum()
+        return (rotate(q, cos[i:i + 1], sin[i:i + 1]) * rotate(k, cos[j:j + 1], sin[j:j + 1])).sum()
     torch.testing.assert_close(score(3, 1), score(20, 18))
     assert not torch.allclose(score(3, 1), score(3, 2))
 
