@@ -38,7 +38,8 @@ NORM_EPS = 1e-5  # LayerNorm's default, and RMSNorm's here so a Llama export can
 # it exports as LlamaForCausalLM; bench/recipe.py measures it against GPT-2's (figures in the README).
 RECIPES: dict[str, dict[str, Any]] = {
     "gpt2": {},
-    "modern": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False, "zero_init": True},
+    "modern": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False, "zero_init": True,
+               "embedding_norm": True},
 }
 
 
@@ -349,6 +350,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             if block.mlp.kind == "gelu":
                 block.mlp.gelu = nn.GELU(approximate=ACTIVATIONS[name])
+
+    def use_embedding_norm(self, on: bool) -> None:
+        """Switch ``embedding_norm`` (it has no weights, so trained weights stay valid)."""
+        self.config = replace(self.config, embedding_norm=on)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6*N + 12*n_layer*n_embd*block_size.

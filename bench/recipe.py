@@ -41,7 +41,7 @@ from azgpt.data.prepare import PrepareConfig, prepare  # noqa: E402
 from azgpt.data.tokenizer import (bits_per_byte, eot_id, load_tokenizer, split_at_line_breaks,  # noqa: E402
                                   token_byte_lengths)
 from azgpt.runtime import tune_malloc  # noqa: E402
-from azgpt.train.module import AzGPT  # noqa: E402
+from azgpt.train.module import RECIPE_KEYS, AzGPT  # noqa: E402
 
 SHARED_CORPUS = REPO.parent / "shared" / "corpus"
 TRAIN_SOURCES = ("web", "legal", "quran", "social")
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
           f"malloc: {tuning['malloc']}")
     for run in runs:
         hp = run.module.hparams
-        arch = {k: hp[k] for k in ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init",
-                                   "logit_softcap", "optimizer")}
+        arch = {k: hp[k] for k in (*RECIPE_KEYS, "optimizer")}
         own = {k: run.settings[k] for k in BENCH_KEYS if k in run.settings}
         print(f"  {run.name}: {run.module.model.num_params(non_embedding=False) / 1e6:.2f} M params, {arch}"
               + (f", {own}" if own else ""))

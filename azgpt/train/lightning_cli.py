@@ -19,7 +19,8 @@ from azgpt.data.datamodule import AzGPTDataModule
 from azgpt.errors import AzGPTError
 from azgpt.train.resume import checkpoint_folders, resolve_checkpoint
 from azgpt.train.loggers import run_dir
-from azgpt.train.module import AzGPT, changed_training_settings, check_same_architecture, with_recipe
+from azgpt.train.module import (AzGPT, changed_training_settings, check_same_architecture, kept_from_checkpoint,
+                                with_recipe)
 from azgpt.train.time_budget import TimeBudget, parse_budget
 from azgpt.train.trainer import choose_precision, with_azgpt_defaults
 
@@ -122,7 +123,7 @@ class AzGPTCLI(LightningCLI):
         asked_for = getattr(self, "_model_asked_for", None)
         if asked_for is not None:  # refuse rather than silently drop an architecture the user asked for
             saved = dict(vars(config.model))
-            check_same_architecture(with_recipe(saved), with_recipe(asked_for))
+            check_same_architecture(with_recipe(saved), with_recipe(kept_from_checkpoint(asked_for, saved)))
             changed = changed_training_settings(saved, asked_for)
             if changed:  # kept so that the run goes on exactly as it started, but never silently
                 rank_zero_warn(f"azgpt: a resumed run keeps the checkpoint's training settings, so these from the "

@@ -28,7 +28,8 @@ from azgpt.data.tokenizer import bits_per_byte, token_byte_lengths, tokenizer_fr
 DATA_SUMMARY_KEYS = ("source", "corpora", "normalization", "tokenizer_sha256")
 OPTIM_KEYS = tuple(f.name for f in fields(OptimConfig))
 # The architecture options a recipe may choose: AzGPT takes None (the recipe's choice) for them unless given.
-RECIPE_KEYS = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap")
+RECIPE_KEYS = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap",
+               "embedding_norm")
 # model.compile: true, false, or "cuda" (compile when training on a CUDA GPU where Triton can build kernels).
 CompileSetting = Union[bool, Literal["cuda"]]
 
@@ -127,6 +128,16 @@ def settings_doc(*classes: type) -> str:
     return "Settings by keyword.\n\nArgs:\n" + "\n".join(section.rstrip() for section in sections) + "\n"
 
 
+# Recipe settings without weights that a run resumed from a checkpoint keeps as trained when its config leaves them
+# to the recipe (None): the modern recipe turned embedding_norm on after checkpoints were trained without it.
+KEPT_FROM_CHECKPOINT = ("embedding_norm",)
+
+
+def kept_from_checkpoint(asked_for: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``asked_for`` with each KEPT_FROM_CHECKPOINT setting it leaves to the recipe taken from ``saved``."""
+    return {**asked_for, **{key: saved.get(key) for key in KEPT_FROM_CHECKPOINT if asked_for.get(key) is None}}
+
+
 def check_same_architecture(saved: dict[str, Any], configured: dict[str, Any],
                             advice: str = "use the checkpoint's config (config.yaml beside its checkpoints/) or start "
                                           "a new run") -> None:
@@ -208,7 +219,7 @@ class AzGPT(L.LightningModule):
     Args:
         recipe: a named combination of architecture options and optimizer: ``gpt2`` (learned positions,
             LayerNorm, GELU, tied head, AdamW) or ``modern`` (RoPE, RMSNorm, SwiGLU, untied zero-initialised
-            head and projections, Muon). A setting given explicitly overrides the recipe's; those it may choose
+            head and projections, normalised token embeddings, Muon). A setting given explicitly overrides the recipe's; those it may choose
             (``RECIPE_KEYS`` and ``optimizer``) default to None, the recipe's.
         compile: compile the model with ``torch.compile``: true, false, or ``cuda`` (only when training on a
             CUDA GPU that Triton supports; elsewhere it says why once and runs uncompiled).
@@ -220,6 +231,7 @@ class AzGPT(L.LightningModule):
         L.LightningModule.__init__(self)
         settings = bind_settings(FIT_SIGNATURE, self, settings)
         self.config, self.optim = resolve_recipe(settings)
+        self._left_to_recipe = {key for key in RECIPE_KEYS if settings[key] is None}
         compile_decision(settings["compile"], torch.device("cpu"))  # refuses an unknown setting before any work
         # Checkpoints record what was built, not None: they load without knowing what the recipe was then.
         self.save_hyperparameters({**settings, **{key: getattr(self.config, key) for key in RECIPE_KEYS},
@@ -452,6 +464,11 @@ class AzGPT(L.LightningModule):
             # An older checkpoint: adopt the activation its model was trained with (it has no weights).
             self.hparams.activation = saved["activation"]
             self.model.use_activation(saved["activation"])
+            self.config = self.model.config
+        if "embedding_norm" in self._left_to_recipe and self.hparams.embedding_norm != saved["embedding_norm"]:
+            # A checkpoint from before embedding_norm existed, built here by the recipe (KEPT_FROM_CHECKPOINT).
+            self.hparams.embedding_norm = saved["embedding_norm"]
+            self.model.use_embedding_norm(saved["embedding_norm"])
             self.config = self.model.config
         check_same_architecture(saved, self.hparams)
         carried = checkpoint.get(CHECKPOINT_KEY, {})

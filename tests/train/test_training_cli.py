@@ -107,6 +107,34 @@ def test_checkpoint_with_another_architecture_is_refused(trained_run: Path, prep
     assert code == 2 and "architecture differs" in err and "n_embd" in err
 
 
+def test_a_modern_checkpoint_trained_without_embedding_norm_resumes_without_it(
+        prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """embedding_norm joined the modern recipe after runs were trained without it (it has no weights): a config that
+    leaves it to the recipe resumes and reloads them without it, one that asks for it is refused."""
+    from azgpt.train.module import AzGPT
+
+    monkeypatch.chdir(tmp_path)
+    modern = {"--model.recipe": "modern", "--budget": "null"}
+    assert run(tiny_fit_args(prepared_dir, max_steps=4, **modern, **{"--model.embedding_norm": "false"}), capsys)[0] == 0
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=6, **modern) + ["--ckpt_path", str(first)], capsys)
+    assert code == 0, err
+    resumed = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 6 and resumed["hyper_parameters"]["embedding_norm"] is False
+
+    code, err = run(tiny_fit_args(prepared_dir, max_steps=6, **modern, **{"--model.embedding_norm": "true"})
+                    + ["--ckpt_path", str(first)], capsys)
+    assert code == 2 and "embedding_norm: checkpoint False vs config True" in err
+
+    raw = torch.load(first, weights_only=True)  # as written before embedding_norm existed
+    del raw["hyper_parameters"]["embedding_norm"]
+    torch.save(raw, tmp_path / "older.ckpt")
+    module = AzGPT.load_from_checkpoint(tmp_path / "older.ckpt", weights_only=True)
+    assert module.model.config.embedding_norm is False and module.hparams.embedding_norm is False
+
+
 def test_resuming_with_other_training_settings_says_the_checkpoints_are_kept(
         trained_run: Path, prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

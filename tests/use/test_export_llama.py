@@ -44,8 +44,9 @@ def random_modern(vocab_size: int, **overrides) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": True}, {"embedding_norm": True}],
-                         ids=["plain", "bias", "tied", "embedding-norm"])
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": True, "embedding_norm": False},
+                                       {"embedding_norm": False}],
+                         ids=["recipe", "bias", "tied", "raw-embedding"])
 def test_llama_export_has_the_same_logits_and_greedy_text(tiny_run, tmp_path: Path, transformers, overrides) -> None:
     tokenizer = load_checkpoint(tiny_run.ckpt).tokenizer
     model = random_modern(tokenizer.get_vocab_size(), **overrides)
@@ -114,8 +115,8 @@ def test_export_verb_writes_a_llama_folder_for_a_modern_checkpoint(tmp_path: Pat
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"embedding_norm": True}],
-                         ids=["untied", "tied", "embedding-norm"])
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True, "embedding_norm": False}, {"embedding_norm": False}],
+                         ids=["recipe", "tied", "raw-embedding"])
 def test_llama_gguf_loads_in_transformers_with_the_same_logits(tiny_run, tmp_path: Path, transformers,
                                                               outtype: str, overrides) -> None:
     """transformers' GGUF reader undoes llama.cpp's rotary row order itself, so equal logits check the reorder."""

@@ -381,7 +381,7 @@ def random_modern(vocab_size: int, block_size: int, embedding_norm: bool = False
     """A modern-recipe (llama in llama.cpp) model with random weights everywhere, zero_init off."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32,
-                       **{**RECIPES["modern"], "zero_init": False}, embedding_norm=embedding_norm)
+                       **{**RECIPES["modern"], "zero_init": False, "embedding_norm": embedding_norm})
     return GPT(config).eval()
 
 
