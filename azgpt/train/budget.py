@@ -91,25 +91,6 @@ class DataBudget:
                 f"with prepare's --max_bytes) or {remedy.format(steps=steps)}")
 
 
-# Read more times over than this, a model with embedding_norm (on in the modern recipe) ends worse than one without:
-# laptop.yaml's 30-minute fit on ../shared's 4 M tokens won with it at 1.2 passes, tied at 2.5 and lost at 3.6
-# (README "Two recipes").
-EMBEDDING_NORM_MAX_EPOCHS = 2.5
-
-
-def embedding_norm_hint(budget: DataBudget, pl_module: L.LightningModule) -> str | None:
-    """Advice to turn embedding_norm off when this run reads its text more times over than it pays off."""
-    config = getattr(pl_module, "config", None)
-    if not getattr(config, "embedding_norm", False) or budget.train_conversations is not None:
-        return None
-    if budget.epochs <= EMBEDDING_NORM_MAX_EPOCHS:
-        return None
-    return (f"azgpt: this run reads its training text {budget.epochs:.1f} times over. model.embedding_norm (on in "
-            f"the modern recipe) learns the training text faster and so memorises it sooner when it repeats: above "
-            f"{EMBEDDING_NORM_MAX_EPOCHS:g} passes, --model.embedding_norm false (or more text) ends lower on held-out "
-            f"text (README \"Two recipes\")")
-
-
 def budget_of(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> DataBudget:
     """The budget of ``trainer.fit(pl_module, datamodule)`` from its current step on; the data module must be
     set up (``meta`` read)."""
@@ -155,9 +136,6 @@ class DataBudgetCheck(L.Callback):
         warning = budget.warning(self.warn_above_epochs, remedy)
         if warning:
             rank_zero_warn(warning)
-        hint = embedding_norm_hint(budget, pl_module)
-        if hint:
-            rank_zero_warn(hint)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 text = "\n".join(f"- {line}" for line in budget.lines()) + (f"\n\n**{warning}**" if warning else "")

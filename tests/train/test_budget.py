@@ -11,7 +11,7 @@ import yaml
 
 from azgpt.cli import main
 from azgpt.data.datamodule import AzGPTDataModule
-from azgpt.train.budget import DataBudget, DataBudgetCheck, budget_of, embedding_norm_hint
+from azgpt.train.budget import DataBudget, DataBudgetCheck, budget_of
 from azgpt.train.lightning_cli import CONFIG_DIR
 from azgpt.train.module import AzGPT
 from tests.conftest import tiny_fit_args
@@ -26,23 +26,6 @@ def test_budget_arithmetic() -> None:
     many = DataBudget(train_tokens=1_000, max_steps=50, effective_batch=8, block_size=32, parameters=6_400)
     message = many.warning(10)
     assert "12.8" not in message and "13 times over" in message and "trainer.max_steps to about 39" in message
-
-
-def test_embedding_norm_hint_above_its_passes() -> None:
-    """A run that reads its text more than 2.5 times with embedding_norm on (the modern recipe's) is told to try it
-    off; one without it, a shorter run or a fine-tune is not."""
-    modern = AzGPT(recipe="modern", n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16)
-    without = AzGPT(recipe="modern", embedding_norm=False, n_layer=1, n_head=2, n_embd=32, vocab_size=64,
-                    block_size=16)
-    long = DataBudget(train_tokens=10_000, max_steps=100, effective_batch=8, block_size=32, parameters=1)  # 2.56
-    short = DataBudget(train_tokens=10_000, max_steps=97, effective_batch=8, block_size=32, parameters=1)  # 2.48
-    hint = embedding_norm_hint(long, modern)
-    assert hint is not None and "2.6 times over" in hint and "--model.embedding_norm false" in hint
-    assert embedding_norm_hint(short, modern) is None
-    assert embedding_norm_hint(long, without) is None
-    chat = DataBudget(train_tokens=10_000, max_steps=100, effective_batch=8, block_size=32, parameters=1,
-                      train_conversations=100)
-    assert embedding_norm_hint(chat, modern) is None
 
 
 def test_fit_states_the_budget_of_a_small_config(prepared_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
