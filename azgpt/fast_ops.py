@@ -2,8 +2,8 @@
 
 Why by hand: on a CPU torch runs ``F.rms_norm`` and the rotary formula as composites of many elementwise
 kernels, each one more pass over memory (RMSNorm forward and backward took 6x LayerNorm's fused kernel). These
-compute the same values with about half the passes. ``bench/recipe.py`` and ``tests/test_fast_ops.py`` hold
-them to torch's results.
+compute the same values with about half the passes: ``tests/test_fast_ops.py`` holds them to torch's results,
+``bench/recipe_speed.py`` times them against torch's.
 """
 
 from __future__ import annotations

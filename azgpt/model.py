@@ -351,10 +351,6 @@ class GPT(nn.Module):
             if block.mlp.kind == "gelu":
                 block.mlp.gelu = nn.GELU(approximate=ACTIVATIONS[name])
 
-    def use_embedding_norm(self, on: bool) -> None:
-        """Switch ``embedding_norm`` (it has no weights, so trained weights stay valid)."""
-        self.config = replace(self.config, embedding_norm=on)
-
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6*N + 12*n_layer*n_embd*block_size.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Any, Literal, Optional, Union, get_type_hints
 
 import lightning as L
@@ -219,8 +219,8 @@ class AzGPT(L.LightningModule):
     Args:
         recipe: a named combination of architecture options and optimizer: ``gpt2`` (learned positions,
             LayerNorm, GELU, tied head, AdamW) or ``modern`` (RoPE, RMSNorm, SwiGLU, untied zero-initialised
-            head and projections, normalised token embeddings, Muon). A setting given explicitly overrides the recipe's; those it may choose
-            (``RECIPE_KEYS`` and ``optimizer``) default to None, the recipe's.
+            head and projections, normalised token embeddings, Muon). A setting given explicitly overrides the
+            recipe's; those it may choose (``RECIPE_KEYS`` and ``optimizer``) default to None, the recipe's.
         compile: compile the model with ``torch.compile``: true, false, or ``cuda`` (only when training on a
             CUDA GPU that Triton supports; elsewhere it says why once and runs uncompiled).
     """
@@ -465,11 +465,13 @@ class AzGPT(L.LightningModule):
             self.hparams.activation = saved["activation"]
             self.model.use_activation(saved["activation"])
             self.config = self.model.config
-        if "embedding_norm" in self._left_to_recipe and self.hparams.embedding_norm != saved["embedding_norm"]:
-            # A checkpoint from before embedding_norm existed, built here by the recipe (KEPT_FROM_CHECKPOINT).
-            self.hparams.embedding_norm = saved["embedding_norm"]
-            self.model.use_embedding_norm(saved["embedding_norm"])
-            self.config = self.model.config
+        for key in KEPT_FROM_CHECKPOINT:
+            if key in self._left_to_recipe and self.hparams[key] != saved[key]:
+                # A checkpoint older than the setting, built here by today's recipe: the model is read at each
+                # forward and has no weights for it, so it takes the checkpoint's value.
+                self.hparams[key] = saved[key]
+                self.model.config = replace(self.model.config, **{key: saved[key]})
+                self.config = self.model.config
         check_same_architecture(saved, self.hparams)
         carried = checkpoint.get(CHECKPOINT_KEY, {})
         if self._data_dir is not None and carried.get("tokenizer") and self.tokenizer_json:
