@@ -1,8 +1,9 @@
-"""RMSNorm and rotary embeddings with hand-written backward passes, for the modern recipe's speed on CPUs.
+"""RMSNorm, rotary embeddings and SwiGLU with hand-written backward passes, for the modern recipe's speed on CPUs.
 
-Why by hand: on a CPU torch runs ``F.rms_norm`` and the rotary formula as composites of many elementwise
-kernels, each one more pass over memory (RMSNorm forward and backward took 6x LayerNorm's fused kernel). These
-compute the same values with about half the passes: ``tests/test_fast_ops.py`` holds them to torch's results,
+Why by hand: on a CPU torch runs ``F.rms_norm``, the rotary formula and SwiGLU as composites of elementwise
+kernels, each one more pass over memory (RMSNorm forward and backward took 6x LayerNorm's fused kernel; SwiGLU's
+backward ends in a copy of both halves' gradients into one tensor). These compute the same values with fewer
+passes: ``tests/test_fast_ops.py`` holds them to torch's results,
 ``bench/recipe_speed.py`` times them against torch's.
 """
 
@@ -81,3 +82,34 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding of x (..., T, head_dim) by the angles whose cos and sin (T, head_dim) are given, the
     pair of channels (i, i + head_dim/2) rotated together (Hugging Face Llama's layout)."""
     return _Rotate.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of the two halves of the last dimension; the backward writes both halves' gradients
+    straight into one tensor instead of concatenating them afterwards."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(h, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        h, activated = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_h
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """silu(gate) * up with gate and up the first and second halves of h's last dimension; by the hand-written
+    backward on CPUs and by torch's autograd elsewhere (where torch.compile fuses it)."""
+    if h.device.type == "cpu":
+        return _SwiGLU.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from azgpt.fast_ops import rms_norm, rotate
+from azgpt.fast_ops import rms_norm, rotate, swiglu
 from azgpt.targets import PAD_TARGET
 
 # activation name -> nn.GELU's `approximate` argument
@@ -259,8 +259,7 @@ class MLP(nn.Module):
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = swiglu(h)
         return self.dropout(self.c_proj(h))
 
 

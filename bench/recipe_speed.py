@@ -6,7 +6,7 @@
 Times one full optimizer step (forward, backward, clipping, optimizer) of azgpt's own model and optimizer on random
 tokens, fp32, for GPT-2's recipe, the modern recipe, and the modern recipe with one part set back to GPT-2's
 (AdamW instead of Muon, LayerNorm, the learned position table, the GELU MLP, the tied head), and the modern recipe
-with torch's own RMSNorm and rotary formula in place of azgpt.fast_ops' hand-written ones. The variants run in
+with torch's own RMSNorm, rotary formula and SwiGLU in place of azgpt.fast_ops' hand-written ones. The variants run in
 turns, round robin, best of ``--rounds``, so a machine that changes speed hits all alike. ``--profile`` adds
 torch.profiler's table of the operators that take the time, for GPT-2 and modern.
 """
@@ -53,18 +53,24 @@ def torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+def torch_swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 @contextlib.contextmanager
 def ops_of(name: str) -> Iterator[None]:
-    """The model's RMSNorm and rotary embeddings as torch computes them, for the variant that measures them."""
+    """The model's RMSNorm, rotary embeddings and SwiGLU as torch computes them, for the variant that measures
+    them."""
     if name != TORCH_COMPOSITES:
         yield
         return
-    saved = azgpt.model.rms_norm, azgpt.model.rotate
-    azgpt.model.rms_norm, azgpt.model.rotate = torch_rms_norm, torch_rotate
+    saved = azgpt.model.rms_norm, azgpt.model.rotate, azgpt.model.swiglu
+    azgpt.model.rms_norm, azgpt.model.rotate, azgpt.model.swiglu = torch_rms_norm, torch_rotate, torch_swiglu
     try:
         yield
     finally:
-        azgpt.model.rms_norm, azgpt.model.rotate = saved
+        azgpt.model.rms_norm, azgpt.model.rotate, azgpt.model.swiglu = saved
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

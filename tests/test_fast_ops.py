@@ -1,5 +1,5 @@
 """azgpt.fast_ops gives torch's values and gradients: RMSNorm against F.rms_norm, rotary embeddings against the
-textbook formula x * cos + cat(-x2, x1) * sin."""
+textbook formula x * cos + cat(-x2, x1) * sin, SwiGLU against silu(gate) * up by torch's autograd."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from azgpt.fast_ops import _RMSNorm, rms_norm, rotate
+from azgpt.fast_ops import _RMSNorm, _SwiGLU, rms_norm, rotate, swiglu
 from azgpt.model import rope_tables
 
 
@@ -71,3 +71,23 @@ def test_rotate_backward_is_the_derivative() -> None:
     cos, sin = (t.double() for t in rope_tables(8, 5, 10000.0))
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: rotate(x, cos, sin), (x,))
+
+
+def reference_swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_torchs_autograd(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    h = (torch.randn(3, 7, 2 * 20) * 3).to(dtype)
+    got, want = values_and_grads(swiglu, h), values_and_grads(reference_swiglu, h)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.is_contiguous()
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_swiglu_backward_is_the_derivative() -> None:
+    h = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (h,))

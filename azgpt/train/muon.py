@@ -49,31 +49,49 @@ class Muon(torch.optim.Muon):
         for group in self.param_groups:
             if group["adjust_lr_fn"] not in (None, "original"):
                 raise ValueError("azgpt's Muon implements adjust_lr_fn 'original' only")
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buffer.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                dtype = self._orthogonalise_dtype(p.device)
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
+            dtype = self._orthogonalise_dtype(params[0].device)
+            for batch in same_shape_batches(params, dtype):
+                orthogonal = orthogonalise(torch.stack([updates[i] for i in batch]), group["ns_coefficients"],
+                                           group["ns_steps"], group["eps"], dtype)
+                for i, update in zip(batch, orthogonal):
+                    p = params[i]
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))
         return loss
 
 
-def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+def same_shape_batches(params: list[torch.Tensor], dtype: torch.dtype) -> list[list[int]]:
+    """Indices of ``params`` to orthogonalise together. In bf16 the matrices of one shape and device go as one
+    batch (3 x 192's twelve matrices in 10 ms against 16 one by one on an AMX CPU, the same bits); in fp32 a CPU
+    runs batches slower (31 ms against 27), so there each matrix goes alone."""
+    if dtype != torch.bfloat16:
+        return [[i] for i in range(len(params))]
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        batches.setdefault((tuple(p.shape), p.device), []).append(i)
+    return list(batches.values())
+
+
+def orthogonalise(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
-    """About U V^T of ``matrix`` = U S V^T (singular values pushed towards 1), by ``steps`` Newton-Schulz rounds."""
+    """About U V^T of each matrix U S V^T in ``matrices`` (batch, rows, cols): singular values pushed towards 1
+    by ``steps`` Newton-Schulz rounds."""
     a, b, c = coefficients
-    tall = matrix.size(0) > matrix.size(1)
-    x = matrix.to(dtype)
-    x = x.T if tall else x  # iterate on the wide orientation: the Gram matrix is the smaller one
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    tall = matrices.size(-2) > matrices.size(-1)
+    x = matrices.to(dtype)
+    x = x.mT if tall else x  # iterate on the wide orientation: the Gram matrix is the smaller one
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:

@@ -116,3 +116,26 @@ def test_muon_update_is_torchs_with_the_iteration_in_fp32_on_cpus_without_native
     assert torch.equal(theirs, ours)
     assert not torch.equal(theirs, ours_fp32)
     torch.testing.assert_close(ours_fp32, theirs, atol=2e-3, rtol=0)
+
+
+def test_matrices_of_one_shape_orthogonalised_as_a_batch_update_as_torchs_one_by_one(monkeypatch) -> None:
+    """In bf16 the matrices of one shape go through Newton-Schulz as one batch: each must still get its own
+    update, torch.optim.Muon's (to bf16 rounding), tall and wide alike, beside a matrix of another shape."""
+    import azgpt.train.muon as muon_module
+    from azgpt.train.precision import CPU_PRECISION_ENV
+
+    monkeypatch.setenv(CPU_PRECISION_ENV, "bf16-mixed")
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48, 16), (16, 40), (48, 16), (16, 40), (24, 24)]
+    theirs = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    torch_muon, our_muon = torch.optim.Muon(theirs, lr=0.02), muon_module.Muon(ours, lr=0.02)
+    assert sorted(map(sorted, muon_module.same_shape_batches(ours, torch.bfloat16))) == [[0, 1, 3], [2, 4], [5]]
+    for _ in range(3):
+        for mine, other in zip(ours, theirs):
+            other.grad = torch.randn_like(other)
+            mine.grad = other.grad.clone()
+        torch_muon.step()
+        our_muon.step()
+    for mine, other in zip(ours, theirs):
+        torch.testing.assert_close(mine, other, atol=1e-4, rtol=0)
