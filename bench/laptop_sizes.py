@@ -1,6 +1,7 @@
 """Which model size learns most in a fixed CPU time: the sizing behind configs/laptop.yaml.
 
     PYTHONPATH=. python bench/laptop_sizes.py [--minutes 27] [--sizes 2x128 3x192 4x256] [--seeds 1337 1]
+                                              [--side-by-side]
 
 1. Data: the local real corpus in ../shared (web, legal, quran, social to train on; wiki and poetry held out for
    validation), prepared once with laptop.yaml's vocabulary and block.
@@ -11,7 +12,9 @@
    val_bpb.
 3. Seeds: every size runs once per ``--seeds`` value (``--seed_everything``: initial weights and the blocks
    drawn), seed by seed, the sizes in alternating order, and the table gives the mean and the spread, since
-   the sizes' margins (about 0.01 bpb) are of the order of what a seed changes.
+   the sizes' margins (about 0.01 bpb) are of the order of what a seed changes. ``--side-by-side`` runs a
+   size's seeds at once instead, each on its own CPU core with one thread (a laptop's core while another
+   program uses the next one), in half the time on two cores.
 """
 
 from __future__ import annotations
@@ -60,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1], help="one fit per size and seed")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shared-az")
     parser.add_argument("--work", type=Path, default=None, help="where the runs' logs go (default: a temp folder)")
-    return parser.parse_args(argv)
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run each size's seeds at once, one CPU core and one thread each")
+    args = parser.parse_args(argv)
+    if args.side_by_side and len(args.seeds) > len(os.sched_getaffinity(0)):
+        parser.error(f"--side-by-side needs a CPU core per seed: {len(args.seeds)} seeds, "
+                     f"{len(os.sched_getaffinity(0))} cores")
+    return args
 
 
 def main() -> None:
@@ -81,7 +90,8 @@ def main() -> None:
     train_tokens = dm.meta["splits"]["train"]["tokens"]
     print(f"data: {train_tokens:,} train tokens (web, legal, quran, social), held out: wiki + poetry; "
           f"{torch.get_num_threads()} threads; {tokens_per_step:,} tokens per optimizer step; each fit --budget "
-          f"{args.minutes:g} min of training", flush=True)
+          f"{args.minutes:g} min of training"
+          + (", each size's seeds side by side, one core and thread each" if args.side_by_side else ""), flush=True)
 
     sizes = {f"{n_layer}x{n_embd}": (n_layer, n_head, n_embd) for n_layer, n_head, n_embd in args.sizes}
     parameters = {name: AzGPT(**{**laptop["model"], "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd},
@@ -91,25 +101,37 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="laptop_sizes_"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in sizes}  # (s, steps, val_bpb) a seed
-    for seed_index, seed in enumerate(args.seeds):
-        order = list(sizes) if seed_index % 2 == 0 else list(reversed(sizes))
-        for name in order:
-            n_layer, n_head, n_embd = sizes[name]
-            command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config",
-                       "laptop.yaml", *data_args, "--seed_everything", str(seed), "--model.n_layer", str(n_layer),
-                       "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
-                       "--budget", budget, "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
-            folder = work / f"{name}-seed{seed}"
-            if folder.exists():
-                raise SystemExit(f"{folder} already exists (an earlier run's logs): pass another --work")
-            folder.mkdir()
-            started = time.perf_counter()
-            run = subprocess.run(command, cwd=folder, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-                                 capture_output=True, text=True)
-            seconds = time.perf_counter() - started
-            (folder / "fit.log").write_text(run.stdout + run.stderr)
-            if run.returncode != 0:
-                raise SystemExit(f"{name} seed {seed}: fit failed (exit {run.returncode}); see {folder / 'fit.log'}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cores = sorted(os.sched_getaffinity(0))
+
+    def start(name: str, seed: int, core: int | None) -> tuple[subprocess.Popen, Path, float]:
+        n_layer, n_head, n_embd = sizes[name]
+        command = [sys.executable, "-m", "azgpt.cli", "fit", "--config", "quickstart.yaml", "--config",
+                   "laptop.yaml", *data_args, "--seed_everything", str(seed), "--model.n_layer", str(n_layer),
+                   "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
+                   "--budget", budget, "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
+        folder = work / f"{name}-seed{seed}"
+        if folder.exists():
+            raise SystemExit(f"{folder} already exists (an earlier run's logs): pass another --work")
+        folder.mkdir()
+        pinned = {} if core is None else {"OMP_NUM_THREADS": "1"}
+        with open(folder / "fit.log", "w") as log:
+            run = subprocess.Popen(command, cwd=folder, env={**env, **pinned}, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=None if core is None else lambda: os.sched_setaffinity(0, {core}))
+        return run, folder, time.perf_counter()
+
+    if args.side_by_side:  # a size's seeds together, the sizes one after another
+        rounds = [[(name, seed, core) for seed, core in zip(args.seeds, cores)] for name in sizes]
+    else:  # seed by seed, the sizes in alternating order
+        rounds = [[(name, seed, None)] for seed_index, seed in enumerate(args.seeds)
+                  for name in (list(sizes) if seed_index % 2 == 0 else list(reversed(sizes)))]
+    for fits in rounds:
+        started = [(name, seed, *start(name, seed, core)) for name, seed, core in fits]
+        for name, seed, run, folder, began in started:
+            returncode = run.wait()
+            seconds = time.perf_counter() - began
+            if returncode != 0:
+                raise SystemExit(f"{name} seed {seed}: fit failed (exit {returncode}); see {folder / 'fit.log'}")
             version = max((folder / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
             last = read_history(version).curve("val_bpb")[-1]
             results[name].append((seconds, last.step, last.value))
