@@ -40,8 +40,9 @@ def run_dir(trainer: L.Trainer) -> Path | None:
 
 
 class NoEmptyRunFolder(L.Callback):
-    """A run that fails before anything is logged (bad data, a bad option found at setup) leaves no empty
-    ``version_N`` folder behind: the logger creates it at setup, before the data is read."""
+    """A run that fails before anything is logged (bad data, a bad option found at setup, a checkpoint refused on
+    resume) leaves no ``version_N`` folder behind that holds only its config.yaml: the logger creates the folder
+    and LightningCLI writes the config into it at setup, before the data is read or the checkpoint loaded."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         folder = run_dir(trainer) if trainer.is_global_zero else None
@@ -51,13 +52,16 @@ class NoEmptyRunFolder(L.Callback):
 
 # TensorBoard starts each events file with one record naming its format (88 bytes); anything logged adds more.
 _EMPTY_EVENTS_BYTES = 128
+RUN_CONFIG_FILE = "config.yaml"  # LightningCLI's config_filename, written by azgpt's RunFolderConfig
 
 
 def _holds_nothing(folder: Path) -> bool:
-    """Whether ``folder`` holds at most TensorBoard events files that have no record yet."""
+    """Whether ``folder`` holds at most the run's config.yaml and TensorBoard events files with no record yet."""
     for path in folder.iterdir():
-        if not (path.name.startswith("events.out.tfevents.") and path.is_file() and not path.is_symlink()
-                and path.stat().st_size <= _EMPTY_EVENTS_BYTES):
+        if not path.is_file() or path.is_symlink():
+            return False
+        empty_events = path.name.startswith("events.out.tfevents.") and path.stat().st_size <= _EMPTY_EVENTS_BYTES
+        if not (empty_events or path.name == RUN_CONFIG_FILE):
             return False
     return True
 

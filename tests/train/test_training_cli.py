@@ -164,6 +164,7 @@ def test_resuming_an_older_checkpoint_with_an_embedding_rate_is_refused_in_one_l
     code, err = run(tiny_fit_args(prepared_dir, max_steps=8, **{"--model.embedding_lr": 0.2})
                     + ["--ckpt_path", str(older)], capsys)
     assert code == 2 and "model.embedding_lr null and this run has 0.2" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("config.yaml")), "the refused run left a folder holding only its config"
 
 
 def test_resuming_a_finished_run_does_not_report_zero_steps(trained_run: Path, prepared_dir: Path, tmp_path: Path,
@@ -173,6 +174,7 @@ def test_resuming_a_finished_run_does_not_report_zero_steps(trained_run: Path, p
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     code, err = run(tiny_fit_args(prepared_dir) + ["--ckpt_path", str(ckpt)], capsys)
     assert code == 2 and "already at step 6" in err
+    assert not list(tmp_path.rglob("version_*")), "the refused run left a folder holding only its config"
 
 
 @pytest.mark.parametrize("bf16_flops, expected", [(8e11, "bf16-mixed"), (1e11, "32-true")])
