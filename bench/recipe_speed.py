@@ -8,7 +8,8 @@ tokens, fp32, for GPT-2's recipe, the modern recipe, and the modern recipe with 
 (AdamW instead of Muon, LayerNorm, the learned position table, the GELU MLP, the tied head), and the modern recipe
 with torch's own RMSNorm, rotary formula and SwiGLU in place of azgpt.fast_ops' hand-written ones. The variants run in
 turns, round robin, best of ``--rounds``, so a machine that changes speed hits all alike. ``--profile`` adds
-torch.profiler's table of the operators that take the time, for GPT-2 and modern.
+torch.profiler's table of the operators that take the time, for GPT-2 and modern. ``--compile`` times each model
+compiled with ``torch.compile`` (as ``--model.compile true`` trains), which fuses the elementwise work.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per variant and round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="each model compiled with torch.compile")
     return p.parse_args(argv)
 
 
@@ -94,6 +96,8 @@ def build(settings: dict[str, object], args: argparse.Namespace) -> tuple[torch.
     module = AzGPT(**settings, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                    n_head=args.n_head, n_embd=args.n_embd, learning_rate=3e-3, muon_lr=0.04, dropout=0.0)
     optimizer, _ = module.build_optimizer()
+    if args.compile:
+        module.model.compile()
     return module.model, optimizer
 
 
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print("command: PYTHONPATH=. python bench/recipe_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:  # every variant compiles the same forward: no silent fall back to eager past the limit
+        torch._dynamo.config.recompile_limit = 4 * len(VARIANTS)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1))
     runs = {name: build(settings, args) for name, settings in VARIANTS.items()}
     for name, (model, optimizer) in runs.items():
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     step(model, optimizer, tokens)
             best[name] = min(best[name], (time.perf_counter() - started) / args.steps)
     print(f"{args.n_layer} layers x {args.n_embd}, {args.batch_size} x {args.block_size} tokens per step, fp32, "
+          f"{'compiled, ' if args.compile else ''}"
           f"{torch.get_num_threads()} threads; best of {args.rounds} rounds of {args.steps} steps")
     tokens_per_step = args.batch_size * args.block_size
     for name, seconds in best.items():

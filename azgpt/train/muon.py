@@ -27,7 +27,7 @@ class Muon(torch.optim.Muon):
     torch orthogonalises in bf16, which CPUs without native bf16 matmuls run 10-30x slower than fp32: about
     20 s per step for the reference config's 16 matrices on a 2-core EPYC, against 1 s in fp32. On GPUs and on
     CPUs with native bf16 (AVX512-BF16, AMX: 3x192's matrices in 19 ms against 33 in fp32) the bf16 iteration is
-    kept. The update is torch's: Nesterov momentum, Newton-Schulz, the "original" shape scaling
+    kept, with the matrices of one shape as one batch (``same_shape_batches``). The update is torch's: Nesterov momentum, Newton-Schulz, the "original" shape scaling
     sqrt(max(1, rows/cols)), decoupled weight decay.
     """
 
