@@ -111,8 +111,6 @@ def main() -> None:
                    "--model.n_head", str(n_head), "--model.n_embd", str(n_embd),
                    "--budget", budget, "--early_stopping", "null", "--trainer.enable_progress_bar", "false"]
         folder = work / f"{name}-seed{seed}"
-        if folder.exists():
-            raise SystemExit(f"{folder} already exists (an earlier run's logs): pass another --work")
         folder.mkdir()
         pinned = {} if core is None else {"OMP_NUM_THREADS": "1"}
         with open(folder / "fit.log", "w") as log:
@@ -125,13 +123,21 @@ def main() -> None:
     else:  # seed by seed, the sizes in alternating order
         rounds = [[(name, seed, None)] for seed_index, seed in enumerate(args.seeds)
                   for name in (list(sizes) if seed_index % 2 == 0 else list(reversed(sizes)))]
+    taken = [work / f"{name}-seed{seed}" for fits in rounds for name, seed, _ in fits
+             if (work / f"{name}-seed{seed}").exists()]
+    if taken:  # before any fit starts, so that none is left running when another cannot
+        raise SystemExit(f"{taken[0]} already exists (an earlier run's logs): pass another --work")
     for fits in rounds:
-        started = [(name, seed, *start(name, seed, core)) for name, seed, core in fits]
-        for name, seed, run, folder, began in started:
-            returncode = run.wait()
-            seconds = time.perf_counter() - began
-            if returncode != 0:
-                raise SystemExit(f"{name} seed {seed}: fit failed (exit {returncode}); see {folder / 'fit.log'}")
+        running = [(name, seed, *start(name, seed, core)) for name, seed, core in fits]
+        finished = []
+        while running:  # polled, so that each fit's end-to-end time is its own
+            time.sleep(0.5)
+            for fit in [fit for fit in running if fit[2].poll() is not None]:
+                running.remove(fit)
+                finished.append((*fit, time.perf_counter() - fit[4]))
+        for name, seed, run, folder, _, seconds in finished:
+            if run.returncode != 0:
+                raise SystemExit(f"{name} seed {seed}: fit failed (exit {run.returncode}); see {folder / 'fit.log'}")
             version = max((folder / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
             last = read_history(version).curve("val_bpb")[-1]
             results[name].append((seconds, last.step, last.value))
