@@ -58,8 +58,9 @@ class Muon(torch.optim.Muon):
             updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
             dtype = self._orthogonalise_dtype(params[0].device)
             for batch in same_shape_batches(params, dtype):
-                orthogonal = orthogonalise(torch.stack([updates[i] for i in batch]), group["ns_coefficients"],
-                                           group["ns_steps"], group["eps"], dtype)
+                # a batch of one is a view, not a copy (fp32 CPUs orthogonalise every matrix alone)
+                stacked = torch.stack([updates[i] for i in batch]) if len(batch) > 1 else updates[batch[0]][None]
+                orthogonal = orthogonalise(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
                 for i, update in zip(batch, orthogonal):
                     p = params[i]
                     p.mul_(1 - group["lr"] * group["weight_decay"])
